@@ -1,0 +1,3 @@
+from comet_ds.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""CoMeT hyper-parameters and the ids of the tokens CoMeT adds to a vocabulary.
+
+Both are plain data: they validate themselves on construction, round-trip through dicts (and so JSON
+and YAML), and say exactly which value is wrong when one is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CometConfigError(ValueError):
+    """A CoMeT setting that cannot work; the message names the setting and what to change."""
+
+
+@dataclass(frozen=True)
+class CometConfig:
+    """Shape of the memory system. Defaults follow the paper's 32k recipe.
+
+    chunk_size: text tokens per chunk (C); attention never crosses a chunk.
+    global_slots: global memory slots per layer (G), each fed by one global beacon.
+    temp_stride: one temporary beacon after every `temp_stride` text tokens (s); -1 disables the
+        temporary memory.
+    temp_budget: temporary memory entries kept per layer (Q), newest first (FIFO).
+    bottleneck_rank: rank r of the residual low-rank adapter that turns states into memories.
+    memory_lr_multiplier: learning-rate factor for the memory networks relative to the base LR.
+    """
+
+    chunk_size: int = 2048
+    global_slots: int = 512
+    temp_stride: int = 8
+    temp_budget: int = 2048
+    bottleneck_rank: int = 8
+    memory_lr_multiplier: float = 5.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise CometConfigError(message)
+
+        for name in ("chunk_size", "global_slots", "temp_stride", "temp_budget", "bottleneck_rank"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool),
+                 f"{name} must be an integer (got {value!r})")
+        need(self.chunk_size >= 1, f"chunk_size must be >= 1 text token (got {self.chunk_size})")
+        need(self.global_slots >= 1,
+             f"global_slots must be >= 1 (got {self.global_slots}): every layer carries a global memory")
+        need(self.temp_stride == -1 or self.temp_stride >= 1,
+             f"temp_stride must be >= 1, or -1 to disable the temporary memory (got {self.temp_stride})")
+        need(self.temp_stride <= self.chunk_size,
+             f"temp_stride ({self.temp_stride}) must not exceed chunk_size ({self.chunk_size}): "
+             "a chunk would hold no complete beacon group")
+        need(self.temp_budget >= 0, f"temp_budget must be >= 0 (got {self.temp_budget})")
+        need(not self.temp_enabled or self.temp_budget >= 1,
+             "temp_budget must be >= 1 while the temporary memory is on "
+             "(set temp_stride=-1 to turn it off)")
+        need(self.bottleneck_rank >= 1, f"bottleneck_rank must be >= 1 (got {self.bottleneck_rank})")
+        need(isinstance(self.memory_lr_multiplier, (int, float)) and self.memory_lr_multiplier > 0,
+             f"memory_lr_multiplier must be a positive number (got {self.memory_lr_multiplier!r})")
+
+    @property
+    def temp_enabled(self) -> bool:
+        return self.temp_stride != -1
+
+    @property
+    def beacons_per_chunk(self) -> int:
+        """Temporary beacons every chunk emits (real ones first, then masked fillers)."""
+        return math.ceil(self.chunk_size / self.temp_stride) if self.temp_enabled else 0
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.temp_budget if self.temp_enabled else 0
+
+    def queue_length(self, chunk_index: int) -> int:
+        """Temporary memory entries (real or filler) entering chunk `chunk_index`."""
+        return min(self.queue_capacity, self.beacons_per_chunk * chunk_index)
+
+    @property
+    def chunk_length(self) -> int:
+        """Static token length of every laid-out chunk: slots + text + beacons + padding."""
+        return self.chunk_size + self.beacons_per_chunk + 2 * self.global_slots + self.queue_capacity
+
+    def check_hidden_size(self, hidden_size: int) -> None:
+        if self.bottleneck_rank > hidden_size:
+            raise CometConfigError(
+                f"bottleneck_rank ({self.bottleneck_rank}) exceeds the model's hidden size ({hidden_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CometConfig:
+        return cls(**_known_fields(cls, values, "comet"))
+
+
+@dataclass(frozen=True)
+class CometTokens:
+    """Ids of the tokens CoMeT inserts: memory placeholders, temporary beacon, global beacons, pad."""
+
+    placeholder_id: int
+    temp_beacon_id: int
+    global_beacon_ids: tuple[int, ...]
+    pad_id: int
+    names: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_beacon_ids", tuple(self.global_beacon_ids))
+        object.__setattr__(self, "names", tuple(self.names))
+
+    @property
+    def inserted_ids(self) -> tuple[int, ...]:
+        """Every id the layout inserts into the text (never a prediction target)."""
+        return (self.placeholder_id, self.temp_beacon_id, *self.global_beacon_ids)
+
+    def check_against(self, config: CometConfig) -> None:
+        if len(self.global_beacon_ids) != config.global_slots:
+            raise CometConfigError(
+                f"the tokenizer has {len(self.global_beacon_ids)} global beacon tokens but global_slots is "
+                f"{config.global_slots}; extend the tokenizer with the same CoMeT config")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "global_beacon_ids": list(self.global_beacon_ids),
+                "names": list(self.names)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CometTokens:
+        return cls(**_known_fields(cls, values, "tokens"))
+
+
+def _known_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(names)}"
+            raise CometConfigError(f"unknown {section} setting {key!r}{suggestion}")
+    return dict(values)

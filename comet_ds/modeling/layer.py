@@ -1,0 +1,81 @@
+"""One CoMeT layer step: inject memories → HF decoder layer → read beacons → update memories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from comet_ds.layout import ChunkIndices, attention_mask_from_roles, position_ids_from_roles
+from comet_ds.modeling.memory import LayerMemory, MemoryState
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Everything a layer needs about the chunk besides its hidden states; built once per chunk."""
+
+    attention_mask: torch.Tensor  # [B, 1, L, L] additive: causal inside the chunk, padded keys masked
+    position_ids: torch.Tensor  # [B, L] chunk-local
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    indices: ChunkIndices
+
+    @classmethod
+    def build(cls, roles: torch.Tensor, rotary_embedding: nn.Module, dtype: torch.dtype,
+              queue_capacity: int) -> ChunkContext:
+        length = roles.shape[-1]
+        key_mask = attention_mask_from_roles(roles).bool()
+        causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
+        allowed = causal[None] & key_mask[:, None, :]
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=roles.device)
+        additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+        position_ids = position_ids_from_roles(roles)
+        probe = torch.empty(0, dtype=dtype, device=roles.device)
+        return cls(
+            attention_mask=additive[:, None],
+            position_ids=position_ids,
+            position_embeddings=rotary_embedding(probe, position_ids),
+            indices=ChunkIndices.from_roles(roles, queue_capacity),
+        )
+
+
+def gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+
+def scatter_rows(hidden: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Replace (not add) the rows of `hidden` at `index` with `rows`, out of place."""
+    return hidden.scatter(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]), rows)
+
+
+class CometLayer(nn.Module):
+    """An unmodified HF decoder layer plus its memory networks."""
+
+    def __init__(self, decoder_layer: nn.Module, memory: LayerMemory):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.memory = memory
+
+    def forward(self, hidden: torch.Tensor, ctx: ChunkContext,
+                state: MemoryState | None) -> tuple[torch.Tensor, MemoryState]:
+        idx = ctx.indices
+        if state is not None:
+            hidden = scatter_rows(hidden, idx.global_slots, state.global_memory)
+            if state.temp_memory is not None:
+                hidden = scatter_rows(hidden, idx.temp_slots, state.temp_memory)
+        out = self.decoder_layer(hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
+                                 position_embeddings=ctx.position_embeddings)
+        if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
+            out = out[0]
+        return out, self.next_state(out, idx, state)
+
+    def next_state(self, out: torch.Tensor, idx: ChunkIndices, state: MemoryState | None) -> MemoryState:
+        global_memory, global_state = self.memory.global_memory(
+            gather_rows(out, idx.global_beacons), None if state is None else state.global_state)
+        temp_memory = None
+        if self.memory.temp_memory is not None:
+            entries = self.memory.temp_memory(gather_rows(out, idx.temp_beacons))
+            if state is not None and state.temp_memory is not None:
+                entries = torch.cat([state.temp_memory, entries], dim=1)
+            temp_memory = gather_rows(entries, idx.temp_keep)
+        return MemoryState(global_memory, global_state, temp_memory)

@@ -1,0 +1,57 @@
+import pytest
+
+from comet_ds.config import CometConfig, CometConfigError, CometTokens
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"global_slots": 0}, "global_slots must be >= 1"),
+        ({"chunk_size": 0}, "chunk_size must be >= 1"),
+        ({"temp_stride": 0}, "temp_stride must be >= 1, or -1"),
+        ({"temp_stride": -2}, "temp_stride must be >= 1, or -1"),
+        ({"chunk_size": 4, "temp_stride": 8}, "must not exceed chunk_size"),
+        ({"temp_budget": 0}, "temp_budget must be >= 1 while the temporary memory is on"),
+        ({"bottleneck_rank": 0}, "bottleneck_rank must be >= 1"),
+        ({"memory_lr_multiplier": 0}, "memory_lr_multiplier must be a positive number"),
+        ({"chunk_size": 2.5}, "chunk_size must be an integer"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_setting(values, message):
+    with pytest.raises(CometConfigError, match=message):
+        CometConfig(**values)
+
+
+def test_budget_need_not_be_a_multiple_of_the_beacons_per_chunk():
+    config = CometConfig(chunk_size=16, global_slots=4, temp_stride=4, temp_budget=10)
+    assert config.beacons_per_chunk == 4
+    assert [config.queue_length(t) for t in range(4)] == [0, 4, 8, 10]
+
+
+def test_temp_memory_can_be_disabled():
+    config = CometConfig(chunk_size=16, global_slots=2, temp_stride=-1, temp_budget=0)
+    assert config.beacons_per_chunk == 0
+    assert config.chunk_length == 16 + 2 * 2
+
+
+def test_paper_defaults_give_the_paper_chunk_length():
+    # C + C/s + 2G + Q = 2048 + 256 + 1024 + 2048
+    assert CometConfig().chunk_length == 5376
+
+
+def test_unknown_keys_get_a_suggestion():
+    with pytest.raises(CometConfigError, match="did you mean 'chunk_size'"):
+        CometConfig.from_dict({"chunk_sise": 16})
+
+
+def test_round_trip_through_dicts():
+    config = CometConfig(chunk_size=32, global_slots=3, temp_stride=8, temp_budget=12)
+    assert CometConfig.from_dict(config.to_dict()) == config
+    tokens = CometTokens(placeholder_id=5, temp_beacon_id=6, global_beacon_ids=(7, 8, 9), pad_id=0)
+    assert CometTokens.from_dict(tokens.to_dict()) == tokens
+
+
+def test_tokens_must_match_the_number_of_global_slots():
+    tokens = CometTokens(placeholder_id=5, temp_beacon_id=6, global_beacon_ids=(7, 8), pad_id=0)
+    with pytest.raises(CometConfigError, match="2 global beacon tokens but global_slots is 3"):
+        tokens.check_against(CometConfig(chunk_size=16, global_slots=3, temp_stride=4, temp_budget=8))

@@ -1,0 +1,161 @@
+import pytest
+import torch
+
+from comet_ds.config import CometConfig
+from comet_ds.layout import ChunkLayout, Role
+from comet_ds.modeling.finetune import FinetuneSettings
+from comet_ds.modeling.memory import GlobalMemory
+from comet_ds.modeling.pretrained import build_comet
+
+# Q=6 with 4 beacons per chunk: the queue overflows from chunk 2 on and evicts mid-chunk.
+CONFIG = CometConfig(chunk_size=16, global_slots=4, temp_stride=4, temp_budget=6)
+
+
+def sequences(tokenizer, lengths=(80, 50), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer) - CONFIG.global_slots - 2  # plain text ids only
+    return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def finite(logits):
+    return torch.nan_to_num(torch.cat(logits, dim=1), neginf=0.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
+def test_streaming_equals_layer_major_reference(base_dirs, arch):
+    model, tokenizer = build_comet(base_dirs[arch], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer))
+    assert len(chunks) >= 4
+    ref = model.forward_reference(chunks, return_logits=True)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out = model(chunks, return_logits=True)
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
+    assert (finite(out.logits) - finite(ref.logits)).abs().max().item() <= 1e-5
+    assert ref_grads
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
+def test_single_chunk_equals_the_plain_hf_forward(base_dirs, arch):
+    """One chunk has no memory to inject: CoMeT must then be the unmodified HF model on its tokens."""
+    model, tokenizer = build_comet(base_dirs[arch], CONFIG)
+    (chunk,) = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(13,)))
+    with torch.no_grad():
+        ours = model([chunk], return_logits=True).logits[0]
+        hf = model.backbone(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask).logits
+    attended = chunk.attention_mask[0].bool()
+    text_vocab = ~model.not_predicted
+    torch.testing.assert_close(ours[0][attended][:, text_vocab], hf[0][attended][:, text_vocab],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.isinf(ours[..., model.tokens.placeholder_id]).all()  # inserted tokens are never predicted
+
+
+def test_first_chunk_has_no_gate(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))
+    calls = []
+    for layer in model.layers:
+        layer.memory.global_memory.gate.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(chunks)
+    assert len(chunks) == 4
+    assert len(calls) == (len(chunks) - 1) * len(model.layers)
+
+
+def test_global_memory_update_rule():
+    torch.manual_seed(0)
+    net = GlobalMemory(hidden_size=8, rank=2)
+    beacons, previous = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    memory, state = net(beacons, None)
+    torch.testing.assert_close(state, net.norm(beacons))  # first chunk: s = c, no gate
+    torch.testing.assert_close(memory, state + net.adapter.up(net.adapter.down(state)))
+    _, state = net(beacons, previous)
+    candidate = net.norm(beacons)
+    gate = torch.sigmoid(net.gate(torch.cat([candidate, previous], dim=-1)))
+    assert gate.shape == (1, 3, 1)  # one scalar gate per slot
+    torch.testing.assert_close(state, gate * previous + (1 - gate) * candidate)  # the gate keeps the old state
+    with torch.no_grad():
+        net.gate.weight.fill_(0.0)
+        net.gate.weight[0, 8:] = 1e4 * previous[0, 0].sign()  # drive g → 1 for slot 0
+    _, state = net(beacons, previous)
+    torch.testing.assert_close(state[0, 0], previous[0, 0])
+
+
+def test_fifo_eviction_keeps_the_newest_entries(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(80,)))
+    entries = {i: [] for i in range(len(model.layers))}
+    for i, layer in enumerate(model.layers):
+        layer.memory.temp_memory.register_forward_hook(lambda _m, _i, out, i=i: entries[i].append(out))
+    with torch.no_grad():
+        out = model(chunks)
+    for i, state in enumerate(out.states):
+        assert state.temp_memory.shape == (1, CONFIG.temp_budget, model.backbone.config.hidden_size)
+        newest = torch.cat(entries[i], dim=1)[:, -CONFIG.temp_budget:]  # all chunks are full: no fillers
+        torch.testing.assert_close(state.temp_memory, newest)
+
+
+def test_memory_carries_information_across_chunks(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    layout = ChunkLayout(CONFIG, model.tokens)
+    (seq,) = sequences(tokenizer, lengths=(64,))
+    changed = [(t + 7) % 500 + 4 for t in seq[:16]] + seq[16:]
+    only_last = [-100] * 48 + seq[48:]
+    with torch.no_grad():
+        a = model(layout.layout([seq], [only_last])).loss
+        b = model(layout.layout([changed], [only_last])).loss
+    assert a.item() != b.item()
+
+
+def test_gradient_reaches_every_memory_parameter(base_dirs):
+    model, tokenizer = build_comet(base_dirs["qwen3"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))
+    model(chunks).loss.backward()
+    for name, param in model.comet_state_dict().items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    row_grads = model.embedding.new_rows.grad.abs().sum(dim=-1)
+    rows = model.embedding.row_of_id
+    beacons = rows[torch.tensor([model.tokens.temp_beacon_id, *model.tokens.global_beacon_ids])]
+    assert (row_grads[beacons] > 0).all()
+    # placeholders are replaced by memories at every layer's input: their embedding never counts
+    assert row_grads[rows[model.tokens.placeholder_id]] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_lora_step_moves_adapters_and_memory_but_not_the_base(base_dirs, arch):
+    model, tokenizer = build_comet(base_dirs[arch], CONFIG, FinetuneSettings(method="lora"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert model.embedding.base.weight.requires_grad is False and "embedding.new_rows" not in frozen
+    assert all("lora_" not in n and ".memory." not in n for n in frozen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))
+    for _ in range(2):  # LoRA B starts at zero: A moves on the second step
+        model(chunks).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = dict(model.named_parameters())
+    for name in frozen:
+        assert torch.equal(after[name], before[name]), name
+    moved = {n for n in before if n not in frozen and not torch.equal(after[n], before[n])}
+    assert moved == set(before) - frozen
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+    assert any(".memory.global_memory.gate" in n for n in moved) and "embedding.new_rows" in moved
+
+
+def test_full_finetune_trains_everything(base_dirs):
+    model, _ = build_comet(base_dirs["llama"], CONFIG, FinetuneSettings(method="full"))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_inserted_tokens_are_single_special_tokens(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    ids = tokenizer("x <|memory|> <beacon> <beacon_3>", add_special_tokens=False).input_ids
+    assert {model.tokens.placeholder_id, model.tokens.temp_beacon_id, model.tokens.global_beacon_ids[3]} <= set(ids)
+    assert len(set(model.tokens.inserted_ids)) == CONFIG.global_slots + 2
+    assert Role.TEXT == 1

@@ -1,0 +1,42 @@
+import json
+
+import pytest
+from datasets import load_from_disk
+from transformers import AutoTokenizer
+
+from data_prep.cli import main
+
+
+def test_passkey_dataset_has_exact_lengths_and_only_the_answer_trained(base_dirs, tmp_path, capsys):
+    out = tmp_path / "passkey"
+    main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "300,600", "--depths", "3",
+          "--samples-per-cell", "2", "--seed", "7", "--output", str(out)])
+    assert "wrote 12 passkey samples" in capsys.readouterr().out
+    data = load_from_disk(str(out / "data"))
+    tokenizer = AutoTokenizer.from_pretrained(base_dirs["llama"])
+    assert sorted(set(data["length"])) == [300, 600]
+    assert sorted(set(data["depth"])) == [0.0, 0.5, 1.0]
+    for row in data:
+        assert len(row["input_ids"]) == len(row["labels"]) == row["length"]
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        assert tokenizer.decode(trained).strip() == row["answer"]  # exactly the key's digits
+        assert f"The pass key is {row['answer']}." in row["text"]
+    assert data["sample_id"] == [f"passkey-{i}" for i in range(12)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 12 and manifest["tokens"]["total"] == 6 * 300 + 6 * 600
+    assert len(manifest["tokenizer_sha256"]) == 64
+
+
+def test_same_seed_same_samples(base_dirs, tmp_path):
+    for name in ("a", "b"):
+        main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "200", "--depths", "0.3",
+              "--samples-per-cell", "3", "--seed", "1", "--output", str(tmp_path / name)])
+    a, b = (load_from_disk(str(tmp_path / n / "data")) for n in "ab")
+    assert a.to_dict() == b.to_dict()
+
+
+def test_too_short_is_one_clear_line(base_dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "20", "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "too short for a passkey sample" in capsys.readouterr().err
