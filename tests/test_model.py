@@ -48,7 +48,7 @@ def test_single_chunk_equals_the_plain_hf_forward(base_dirs, arch):
         ours = model([chunk], return_logits=True).logits[0]
         hf = model.backbone(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask).logits
     attended = chunk.attention_mask[0].bool()
-    text_vocab = ~model.not_predicted
+    text_vocab = ~model.head.not_predicted
     torch.testing.assert_close(ours[0][attended][:, text_vocab], hf[0][attended][:, text_vocab],
                                atol=1e-5, rtol=1e-5)
     assert torch.isinf(ours[..., model.tokens.placeholder_id]).all()  # inserted tokens are never predicted

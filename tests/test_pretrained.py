@@ -119,3 +119,15 @@ def test_chunks_longer_than_the_positions_are_refused(tmp_path):
 def test_unknown_lora_targets_are_refused(base_dirs):
     with pytest.raises(CometConfigError, match=r"LoRA targets \['c_attn'\]"):
         build_comet(base_dirs["llama"], CONFIG, FinetuneSettings(lora_targets=("q_proj", "c_attn")))
+
+
+def test_chunks_wider_than_a_sliding_window_are_refused():
+    from comet_ds.modeling.backbone import check_fits
+    from comet_ds.modeling.tiny_base import tiny_model
+
+    model = tiny_model("mistral", vocab_size=64, num_layers=1)
+    model.config.sliding_window = 32
+    with pytest.raises(CometConfigError, match="sliding window of 32"):
+        check_fits(model, CONFIG)
+    model.config.sliding_window = None
+    check_fits(model, CONFIG)

@@ -41,6 +41,8 @@ def decoder_parts(model: PreTrainedModel) -> DecoderParts:
             f"model type {kind!r} is not supported: it lacks {', '.join(missing)}; CoMeT wraps decoder-only "
             "models laid out like Llama, Qwen2/Qwen3 and Mistral (model.embed_tokens, model.layers, model.norm, "
             "model.rotary_emb, lm_head)")
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise UnsupportedModelError(f"model type {kind!r} is not supported: its LM head has a bias")
     params = inspect.signature(decoder.layers[0].forward).parameters
     for needed in ("hidden_states", "attention_mask", "position_embeddings"):
         if needed not in params:

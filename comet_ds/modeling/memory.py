@@ -21,6 +21,13 @@ class MemoryState(NamedTuple):
     temp_memory: torch.Tensor | None
 
 
+def detach_state(state: MemoryState | None) -> MemoryState | None:
+    """The same memory values with no gradient path back to the chunks that produced them."""
+    if state is None:
+        return None
+    return MemoryState(*(None if x is None else x.detach() for x in state))
+
+
 class LowRankAdapter(nn.Module):
     """x + up(down(x)) with a rank-r bottleneck: turns a state into the memory injected."""
 

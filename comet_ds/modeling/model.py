@@ -14,7 +14,7 @@ from comet_ds.config import CometConfig, CometTokens
 from comet_ds.layout import IGNORE_INDEX, Chunk
 from comet_ds.modeling.backbone import check_fits, decoder_parts
 from comet_ds.modeling.layer import ChunkContext, CometLayer
-from comet_ds.modeling.memory import LayerMemory, MemoryState
+from comet_ds.modeling.memory import LayerMemory, MemoryState, detach_state
 from comet_ds.modeling.tokens import CometEmbedding
 
 
@@ -25,6 +25,43 @@ class CometOutput:
     num_labels: int
     logits: list[torch.Tensor] | None  # per chunk [B, L, V], when asked for
     states: list[MemoryState | None]  # per layer, after the last chunk
+
+
+def not_predicted_mask(vocab_size: int, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """True for the vocabulary entries that must never be predicted (the inserted tokens)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[[i for i in token_ids if i < vocab_size]] = True
+    return mask
+
+
+def labelled_loss_sum(normed: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                      not_predicted: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the labelled tokens of one chunk; the vocabulary projection runs
+    on those rows only. A chunk without labels returns a zero that is still on the graph, so
+    backward reaches (and carries memory gradients through) every chunk."""
+    labelled = labels != IGNORE_INDEX
+    count = int(labelled.sum())
+    if count == 0:
+        return normed.sum() * 0.0, 0
+    logits = F.linear(normed[labelled], weight).masked_fill(not_predicted, float("-inf"))
+    return F.cross_entropy(logits.float(), labels[labelled], reduction="sum"), count
+
+
+class LMHead(nn.Module):
+    """Final norm + LM head; inserted tokens are never predicted."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, not_predicted_ids: tuple[int, ...]):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+        self.register_buffer("not_predicted", not_predicted_mask(lm_head.out_features, not_predicted_ids),
+                             persistent=False)
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(normed).masked_fill(self.not_predicted, float("-inf"))
+
+    def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return labelled_loss_sum(self.norm(hidden), labels, self.lm_head.weight, self.not_predicted)
 
 
 class CometForCausalLM(nn.Module):
@@ -49,12 +86,8 @@ class CometForCausalLM(nn.Module):
             CometLayer(layer, LayerMemory(hf.hidden_size, config.bottleneck_rank, config.temp_enabled,
                                           init_std).to(backbone.dtype))
             for layer in parts.layers)
-        self.norm = parts.norm
-        self.lm_head = parts.lm_head
+        self.head = LMHead(parts.norm, parts.lm_head, tokens.inserted_ids)
         self.rotary_emb = parts.rotary_emb
-        not_predicted = torch.zeros(self.lm_head.out_features, dtype=torch.bool)
-        not_predicted[[i for i in tokens.inserted_ids if i < self.lm_head.out_features]] = True
-        self.register_buffer("not_predicted", not_predicted, persistent=False)
 
     # -- pieces shared by every forward path (and by pipeline stages) --------------------------
 
@@ -62,38 +95,29 @@ class CometForCausalLM(nn.Module):
         return ChunkContext.build(chunk.roles, self.rotary_emb, self.embedding.new_rows.dtype,
                                   self.config.queue_capacity)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits after the final norm; inserted tokens are never predicted."""
-        return self.lm_head(hidden).masked_fill(self.not_predicted, float("-inf"))
-
-    def chunk_loss_sum(self, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed cross-entropy over the labelled tokens of one chunk (head run on those rows only)."""
-        labelled = labels != IGNORE_INDEX
-        count = int(labelled.sum())
-        if count == 0:
-            return normed.sum() * 0.0, 0
-        return F.cross_entropy(self.logits(normed[labelled]).float(), labels[labelled], reduction="sum"), count
-
     # -- forward paths ---------------------------------------------------------------------------
 
-    def forward(self, chunks: Iterable[Chunk], *, return_logits: bool = False) -> CometOutput:
+    def forward(self, chunks: Iterable[Chunk], *, return_logits: bool = False,
+                bptt_window: int | None = None) -> CometOutput:
         """Chunk-major streaming: one chunk's activations plus the per-layer memory state at a time.
 
         Under torch.no_grad() memory is constant in sequence length; with gradients the graph of
-        every chunk is kept (full backprop through the memories).
+        every chunk is kept (full backprop through the memories), or, with `bptt_window=k`, the
+        memories are detached entering chunks k, 2k, ...: values flow on, gradients stop there.
         """
         states: list[MemoryState | None] = [None] * len(self.layers)
         loss_sum, count, all_logits = None, 0, [] if return_logits else None
         for chunk in chunks:
+            if bptt_window and chunk.index > 0 and chunk.index % bptt_window == 0:
+                states = [detach_state(s) for s in states]
             ctx = self.chunk_context(chunk)
             hidden = self.embedding(chunk.input_ids)
             for i, layer in enumerate(self.layers):
                 hidden, states[i] = layer(hidden, ctx, states[i])
-            normed = self.norm(hidden)
-            part, n = self.chunk_loss_sum(normed, chunk.labels)
+            part, n = self.head.loss_sum(hidden, chunk.labels)
             loss_sum, count = (part if loss_sum is None else loss_sum + part), count + n
             if all_logits is not None:
-                all_logits.append(self.logits(normed))
+                all_logits.append(self.head.logits(self.head.norm(hidden)))
         return self._output(loss_sum, count, all_logits, states)
 
     def forward_reference(self, chunks: Iterable[Chunk], *, return_logits: bool = False) -> CometOutput:
@@ -112,11 +136,10 @@ class CometForCausalLM(nn.Module):
             states.append(state)
         loss_sum, count, all_logits = None, 0, [] if return_logits else None
         for h, chunk in zip(hidden, chunks):
-            normed = self.norm(h)
-            part, n = self.chunk_loss_sum(normed, chunk.labels)
+            part, n = self.head.loss_sum(h, chunk.labels)
             loss_sum, count = (part if loss_sum is None else loss_sum + part), count + n
             if all_logits is not None:
-                all_logits.append(self.logits(normed))
+                all_logits.append(self.head.logits(self.head.norm(h)))
         return self._output(loss_sum, count, all_logits, states)
 
     @staticmethod

@@ -33,6 +33,13 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, config: CometConfig) ->
                        pad_id=pad_id, names=tuple(names))
 
 
+def replace_inserted_rows(base_embeddings: torch.Tensor, input_ids: torch.Tensor, new_rows: torch.Tensor,
+                          row_of_id: torch.Tensor) -> torch.Tensor:
+    """Swap the base embedding of every inserted token for its trainable row."""
+    rows = row_of_id[input_ids]
+    return torch.where((rows >= 0).unsqueeze(-1), new_rows[rows.clamp(min=0)], base_embeddings)
+
+
 class CometEmbedding(nn.Module):
     """The base token embedding plus separate rows for the inserted tokens.
 
@@ -53,9 +60,10 @@ class CometEmbedding(nn.Module):
         self.register_buffer("new_token_ids", ids, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.row_of_id[input_ids]
-        new = self.new_rows[rows.clamp(min=0)]
-        return torch.where((rows >= 0).unsqueeze(-1), new, self.base(input_ids))
+        return self.insert_new_rows(self.base(input_ids), input_ids)
+
+    def insert_new_rows(self, base_embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        return replace_inserted_rows(base_embeddings, input_ids, self.new_rows, self.row_of_id)
 
     @torch.no_grad()
     def write_into_base(self) -> None:

@@ -1,0 +1,74 @@
+"""DeepSpeed's PipelineEngine running the chunk schedule, one sequence batch per training step."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from deepspeed.runtime.pipe import schedule as ds
+from deepspeed.runtime.pipe.engine import PipelineEngine
+
+from comet_ds.layout import Chunk
+from comet_ds.pipeline.schedule import ChunkSchedule
+from comet_ds.pipeline.stages import CometPipelineModule
+
+
+def skip_shm_build() -> None:
+    """Skip DeepSpeed's ~50 s JIT build of its shared-memory op on CPU machines (gloo does the work)."""
+    import deepspeed.comm.torch  # noqa: F401  (the submodule; `deepspeed.comm.torch` the name is torch)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+class CometPipelineEngine(PipelineEngine):
+    """PipelineEngine with the chunk schedule; set on the engine that deepspeed.initialize returns.
+
+    `train_step(chunks, scale)` runs one optimizer step over the chunks of one batch of sequences;
+    the number of chunks may change from step to step.
+    """
+
+    bptt_window: int | None = None
+
+    @classmethod
+    def adopt(cls, engine: PipelineEngine, bptt_window: int | None) -> CometPipelineEngine:
+        if not isinstance(engine.module, CometPipelineModule):
+            raise TypeError("the engine must wrap a CometPipelineModule")
+        engine.__class__ = cls
+        engine.bptt_window = bptt_window
+        return engine
+
+    def train_step(self, chunks: Sequence[Chunk], loss_scale: float) -> torch.Tensor:
+        """One step over `chunks` (chunk t = micro-batch t); the loss of chunk t is its summed
+        cross-entropy times `loss_scale`. Returns the step's loss as DeepSpeed aggregates it."""
+        scale = torch.tensor(loss_scale, dtype=torch.float32)
+        batches = [((c.input_ids, c.roles, c.labels), scale) for c in chunks]
+        self.micro_batches = len(batches)
+        self.module.reset_memory()
+        self._losses_by_buffer: dict[int, torch.Tensor] = {}
+        try:
+            return self.train_batch(iter(batches))
+        finally:
+            self.module.reset_memory()
+
+    def _train_schedule(self) -> ChunkSchedule:
+        return ChunkSchedule(self.micro_batches, self.num_stages, self.stage_id, self.bptt_window)
+
+    # The stock engine keeps only the latest micro-batch's loss, which 1F1B consumes at once; with
+    # forwards first, each buffer keeps its own loss until its backward.
+    def _exec_forward_pass(self, buffer_id: int) -> None:
+        super()._exec_forward_pass(buffer_id)
+        if self.is_last_stage() and self._compute_loss:
+            self._losses_by_buffer[buffer_id] = self.loss
+
+    def _exec_backward_pass(self, buffer_id: int) -> None:
+        if self.is_last_stage():
+            self.loss = self._losses_by_buffer.pop(buffer_id)
+        super()._exec_backward_pass(buffer_id)
+
+    _INSTRUCTION_MAP: dict[Any, Any] = {  # noqa: RUF012  (a class table, as in the parent)
+        **PipelineEngine._INSTRUCTION_MAP,
+        ds.ForwardPass: _exec_forward_pass,
+        ds.BackwardPass: _exec_backward_pass,
+    }
