@@ -38,6 +38,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote a standalone CoMeT model (LoRA merged) to {out}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from comet_ds.train.loop import main_from_args
+
+    main_from_args(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume)
+
+
 def cmd_bench_forward(args: argparse.Namespace) -> None:
     from comet_ds.bench.forward import BENCH_CONFIG, run_all
     from comet_ds.modeling.tiny_base import init_base
@@ -60,12 +66,12 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
-    from comet_ds.bench.forward import peak_rss_mib
     from comet_ds.config import CometConfig
     from comet_ds.layout import ChunkLayout
     from comet_ds.modeling.finetune import FinetuneSettings, parameter_counts
     from comet_ds.modeling.pretrained import build_comet, export_merged, load_comet, save_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
+    from comet_ds.resources import peak_rss_mib
 
     out = Path(args.out)
     torch.set_num_threads(args.threads)
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comet-ds", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"comet_ds {__version__}")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # from the deepspeed launcher
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("init-base", help="write a tiny Llama/Qwen3 base model and tokenizer (no download)",
@@ -151,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (required)")
     p.add_argument("--base", help="base model directory, if it moved since training")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", help="fine-tune on DeepSpeed pipeline stages (run it under the deepspeed launcher)",
+                       description="Train a CoMeT model from a run config (YAML). Pipeline stages come from the "
+                                   "DeepSpeed config it names (pipeline.stages); the remaining processes form "
+                                   "data-parallel replicas.\n\nexamples:\n"
+                                   "  comet-ds train --config launch/examples/tiny_cpu.yaml --dry-run\n"
+                                   "  deepspeed --num_gpus 2 --module comet_ds.cli train --config RUN.yaml "
+                                   "train.steps=50\n  launch/single_node.sh --procs 2 --config RUN.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=20")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, partition and memory "
+                                                         "estimate, then exit")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks (results belong in docs/BENCHMARKS.md)")
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -191,15 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
-    from comet_ds.config import CometConfigError
-    from comet_ds.modeling.backbone import UnsupportedModelError
-    from comet_ds.modeling.pretrained import CheckpointMismatchError
+    from comet_ds.config import CometInputError
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (CometConfigError, UnsupportedModelError, CheckpointMismatchError, FileNotFoundError) as err:
+    except (CometInputError, FileNotFoundError) as err:
         print(f"comet-ds: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class CometConfigError(ValueError):
-    """A CoMeT setting that cannot work; the message names the setting and what to change."""
+class CometInputError(ValueError):
+    """Input the user has to fix (config, data, model directory); the message says what to change."""
+
+
+class CometConfigError(CometInputError):
+    """A setting that cannot work; the message names the setting and what to change."""
+
+
+class CheckpointMismatchError(CometInputError):
+    """Saved weights that do not fit the model or config they are being loaded into."""
 
 
 @dataclass(frozen=True)

@@ -8,40 +8,18 @@ at its highest *during the streaming forward*, not during model loading.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import psutil
 import torch
 
 from comet_ds.config import CometConfig
+from comet_ds.resources import peak_rss_mib, reset_peak_memory, rss_mib
 
 BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)
-
-
-def rss_mib() -> float:
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def reset_peak_rss() -> None:
-    """Restart the peak-RSS count from the current RSS (Linux; elsewhere the peak spans the process)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mib() -> float:
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run_one(base: str, length: int, config: CometConfig, seed: int = 0) -> dict[str, float]:
@@ -59,7 +37,7 @@ def run_one(base: str, length: int, config: CometConfig, seed: int = 0) -> dict[
     with torch.inference_mode():
         model(layout.iter_chunks([ids[: config.chunk_size]]))  # warm-up: first-call allocations
         baseline = rss_mib()
-        reset_peak_rss()
+        reset_peak_memory()
         start = time.perf_counter()
         out = model(layout.iter_chunks([ids]))
         seconds = time.perf_counter() - start

@@ -28,7 +28,7 @@ from enum import IntEnum
 
 import torch
 
-from comet_ds.config import CometConfig, CometConfigError, CometTokens
+from comet_ds.config import CometConfig, CometConfigError, CometInputError, CometTokens
 
 IGNORE_INDEX = -100
 
@@ -169,14 +169,14 @@ class ChunkLayout:
         """
         cfg = self.config
         if not input_ids:
-            raise ValueError("no sequences to lay out")
+            raise CometInputError("no sequences to lay out")
         labels = input_ids if labels is None else labels
         plans = []
         for i, ids in enumerate(input_ids):
             if len(ids) == 0:
-                raise ValueError(f"sequence {i} is empty")
+                raise CometInputError(f"sequence {i} is empty")
             if len(labels[i]) != len(ids):
-                raise ValueError(f"sequence {i}: {len(labels[i])} labels for {len(ids)} tokens")
+                raise CometInputError(f"sequence {i}: {len(labels[i])} labels for {len(ids)} tokens")
             sizes = list(text_chunk_sizes[i]) if text_chunk_sizes else fixed_chunk_sizes(len(ids), cfg.chunk_size)
             if sum(sizes) != len(ids) or any(not 1 <= s <= cfg.chunk_size for s in sizes):
                 raise CometConfigError(f"sequence {i}: chunk sizes {sizes} must each be in 1..{cfg.chunk_size} "

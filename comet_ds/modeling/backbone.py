@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from comet_ds.config import CometConfig, CometConfigError
+from comet_ds.config import CometConfig, CometConfigError, CometInputError
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(CometInputError):
     """The base model's structure does not fit the CoMeT layer wrapper."""
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from comet_ds.layout import ChunkIndices, attention_mask_from_roles, position_ids_from_roles
 from comet_ds.modeling.memory import LayerMemory, MemoryState
@@ -55,6 +56,7 @@ class CometLayer(nn.Module):
         super().__init__()
         self.decoder_layer = decoder_layer
         self.memory = memory
+        self.activation_checkpointing = False
 
     def forward(self, hidden: torch.Tensor, ctx: ChunkContext,
                 state: MemoryState | None) -> tuple[torch.Tensor, MemoryState]:
@@ -63,8 +65,13 @@ class CometLayer(nn.Module):
             hidden = scatter_rows(hidden, idx.global_slots, state.global_memory)
             if state.temp_memory is not None:
                 hidden = scatter_rows(hidden, idx.temp_slots, state.temp_memory)
-        out = self.decoder_layer(hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
-                                 position_embeddings=ctx.position_embeddings)
+        kwargs = {"attention_mask": ctx.attention_mask, "position_ids": ctx.position_ids,
+                  "position_embeddings": ctx.position_embeddings}
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # only the stateless decoder layer is recomputed; memory bookkeeping runs once
+            out = checkpoint(self.decoder_layer, hidden, use_reentrant=False, **kwargs)
+        else:
+            out = self.decoder_layer(hidden, **kwargs)
         if isinstance(out, tuple):  # older transformers return (hidden_states, ...)
             out = out[0]
         return out, self.next_state(out, idx, state)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from comet_ds.config import CometConfig, CometTokens
+from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
 from comet_ds.layout import IGNORE_INDEX, Chunk
 from comet_ds.modeling.backbone import check_fits, decoder_parts
 from comet_ds.modeling.layer import ChunkContext, CometLayer
@@ -167,12 +167,13 @@ class CometForCausalLM(nn.Module):
     def load_comet_state_dict(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Copy saved CoMeT weights in; any missing, extra or mis-shaped tensor is an error naming it."""
         own = self.comet_state_dict()
+        hint = "(was it saved with another CoMeT config or base model?)"
         missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or extra:
-            raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {extra[:3]} "
-                             "(was it saved with another CoMeT config or base model?)")
+            raise CheckpointMismatchError(
+                f"{source} does not match this model: missing {missing[:3]}, unexpected {extra[:3]} {hint}")
         for name, param in own.items():
             if state[name].shape != param.shape:
-                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model expects "
-                                 f"{tuple(param.shape)} (was it saved with another CoMeT config or base model?)")
+                raise CheckpointMismatchError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model "
+                                              f"expects {tuple(param.shape)} {hint}")
             param.copy_(state[name])

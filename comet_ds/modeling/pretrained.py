@@ -20,7 +20,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from comet_ds.config import CometConfig, CometTokens
+from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
 from comet_ds.fs import atomic_directory
 from comet_ds.modeling.backbone import load_backbone
 from comet_ds.modeling.finetune import FinetuneSettings, apply_finetune
@@ -32,10 +32,6 @@ MEMORY_WEIGHTS = "comet_memory.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # key prefix PeftModel uses for adapter weights
 FORMAT_VERSION = 1
-
-
-class CheckpointMismatchError(ValueError):
-    """A saved CoMeT directory does not fit the base model or config it is being loaded with."""
 
 
 def fit_vocabulary(backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mean_resizing: bool) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from comet_ds.config import CometConfig, CometTokens
+from comet_ds.config import CometConfig, CometInputError, CometTokens
 
 PLACEHOLDER_TOKEN = "<|memory|>"
 TEMP_BEACON_TOKEN = "<beacon>"
@@ -28,7 +28,7 @@ def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, config: CometConfig) ->
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
                    if i is not None), None)
     if pad_id is None:
-        raise ValueError("the tokenizer has no pad, eos or unk token to pad chunks with; add a pad token")
+        raise CometInputError("the tokenizer has no pad, eos or unk token to pad chunks with; add a pad token")
     return CometTokens(placeholder_id=ids[0], temp_beacon_id=ids[1], global_beacon_ids=tuple(ids[2:]),
                        pad_id=pad_id, names=tuple(names))
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
 from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
@@ -13,6 +15,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from comet_ds.layout import Chunk
 from comet_ds.pipeline.schedule import ChunkSchedule
 from comet_ds.pipeline.stages import CometPipelineModule
+from comet_ds.resources import peak_memory_mib, reset_peak_memory
 
 
 def skip_shm_build() -> None:
@@ -30,6 +33,7 @@ class CometPipelineEngine(PipelineEngine):
     """
 
     bptt_window: int | None = None
+    _compute_seconds = 0.0
 
     @classmethod
     def adopt(cls, engine: PipelineEngine, bptt_window: int | None) -> CometPipelineEngine:
@@ -52,20 +56,40 @@ class CometPipelineEngine(PipelineEngine):
         finally:
             self.module.reset_memory()
 
+    # -- per-stage timing and memory, for the bubble fraction and peak-memory metrics -------------
+
+    def reset_stage_timers(self) -> None:
+        self._compute_seconds = 0.0
+        reset_peak_memory()
+
+    def stage_stats(self, step_seconds: float) -> dict[str, Any]:
+        """Collective: every stage's idle fraction of the step and peak memory since the timer reset."""
+        local = torch.tensor([float(self.stage_id), 1.0 - self._compute_seconds / step_seconds, peak_memory_mib()])
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        peak = [0.0] * self.num_stages
+        for stage, _, mib in gathered:
+            peak[int(stage)] = max(peak[int(stage)], float(mib))
+        return {"bubble_fraction": sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak}
+
     def _train_schedule(self) -> ChunkSchedule:
         return ChunkSchedule(self.micro_batches, self.num_stages, self.stage_id, self.bptt_window)
 
     # The stock engine keeps only the latest micro-batch's loss, which 1F1B consumes at once; with
     # forwards first, each buffer keeps its own loss until its backward.
     def _exec_forward_pass(self, buffer_id: int) -> None:
+        begin = time.perf_counter()
         super()._exec_forward_pass(buffer_id)
+        self._compute_seconds += time.perf_counter() - begin
         if self.is_last_stage() and self._compute_loss:
             self._losses_by_buffer[buffer_id] = self.loss
 
     def _exec_backward_pass(self, buffer_id: int) -> None:
         if self.is_last_stage():
             self.loss = self._losses_by_buffer.pop(buffer_id)
+        begin = time.perf_counter()
         super()._exec_backward_pass(buffer_id)
+        self._compute_seconds += time.perf_counter() - begin
 
     _INSTRUCTION_MAP: dict[Any, Any] = {  # noqa: RUF012  (a class table, as in the parent)
         **PipelineEngine._INSTRUCTION_MAP,

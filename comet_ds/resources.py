@@ -1,0 +1,38 @@
+"""Process memory readings: current and peak resident memory (Linux VmHWM), or GPU peak allocation."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+from pathlib import Path
+
+import psutil
+import torch
+
+
+def rss_mib() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def reset_peak_memory() -> None:
+    """Restart the peak count from now (Linux RSS; CUDA allocator when a GPU is in use)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def peak_memory_mib() -> float:
+    """GPU peak allocation when on a GPU, else peak resident memory of the process."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mib()

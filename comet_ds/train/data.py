@@ -1,0 +1,97 @@
+"""Training data: a data_prep Arrow dataset, read in a seeded order that every rank computes alike.
+
+Every rank (all stages, all replicas) derives the same global batch for a step from the seed and
+the step number, so the first and last stage see the same chunks in the same order without any
+communication, every rank knows the step's global count of trained tokens, and resuming at step
+s continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+
+from comet_ds.config import CometInputError
+from comet_ds.layout import IGNORE_INDEX
+
+REQUIRED_COLUMNS = ("input_ids", "labels")
+
+
+class DatasetError(CometInputError):
+    """A training dataset that cannot be used as it is."""
+
+
+def load_training_dataset(path: str | Path) -> Dataset:
+    """Load a `save_to_disk` dataset (a data_prep output directory or its data/ folder)."""
+    path = Path(path)
+    data_dir = path / "data" if (path / "data").is_dir() else path
+    if not (data_dir / "dataset_info.json").is_file() and not (data_dir / "state.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a saved dataset; build one with comet-prep "
+                                "(e.g. comet-prep passkey ... --output DIR)")
+    dataset = load_from_disk(str(data_dir))
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DatasetError(f"dataset {path} lacks the column(s) {', '.join(missing)} (has: "
+                         f"{', '.join(dataset.column_names)}); comet-ds train needs input_ids and labels")
+    if len(dataset) == 0:
+        raise DatasetError(f"dataset {path} has no rows")
+    return dataset
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One replica's sequences for one step, and what the whole step trains on."""
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    global_trained_tokens: int
+    global_text_tokens: int
+
+
+def trained_tokens(labels: list[int]) -> int:
+    """Tokens with a target once labels are shifted: labels[1:] that are not ignored."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
+
+
+class StepSampler:
+    """Seeded epoch permutations of the dataset, cut into global batches of replicas × sequences."""
+
+    def __init__(self, dataset: Dataset, replicas: int, sequences_per_replica: int, seed: int,
+                 max_tokens: int | None = None):
+        self.dataset = dataset
+        self.replicas = replicas
+        self.per_replica = sequences_per_replica
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self._orders: dict[int, list[int]] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.replicas * self.per_replica
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {epoch: torch.randperm(len(self.dataset),
+                                                  generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
+        return self._orders[epoch]
+
+    def _indices(self, step: int) -> list[int]:
+        n = len(self.dataset)
+        return [self._order(position // n)[position % n]
+                for position in range(step * self.global_batch, (step + 1) * self.global_batch)]
+
+    def batch(self, step: int, replica: int) -> StepBatch:
+        indices = self._indices(step)
+        rows = self.dataset.select(indices)
+        limit = self.max_tokens or None
+        ids = [list(r["input_ids"])[:limit] for r in rows]
+        labels = [list(r["labels"])[:limit] for r in rows]
+        for index, a, b in zip(indices, ids, labels):
+            if len(a) != len(b) or not a:
+                raise DatasetError(f"dataset row {index}: {len(a)} input_ids but {len(b)} labels")
+        mine = slice(replica * self.per_replica, (replica + 1) * self.per_replica)
+        return StepBatch(ids[mine], labels[mine], global_trained_tokens=sum(trained_tokens(x) for x in labels),
+                         global_text_tokens=sum(len(x) for x in ids))

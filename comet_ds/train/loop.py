@@ -1,0 +1,209 @@
+"""`comet-ds train`: the training entry point, top to bottom.
+
+preflight (no processes yet) → process group → model + LoRA → pipeline stages → DeepSpeed engine →
+resume → for each step: the replica's sequences → chunks → one pipeline step → metrics, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comet_ds.config import CometConfigError
+from comet_ds.layout import ChunkLayout
+from comet_ds.train.config import RunConfig
+from comet_ds.train.data import load_training_dataset
+
+
+@dataclass(frozen=True)
+class Preflight:
+    stages: int
+    num_layers: int
+    partition: list[list[str]]
+    trainable_params: int
+    total_params: int
+    memory_estimate_mib: dict[str, float | int | str]
+
+
+def preflight(run: RunConfig) -> Preflight:
+    """Every check that needs no process group: dataset, base model, stages, chunk length."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from comet_ds.modeling.backbone import check_fits, decoder_parts
+
+    stages = run.pipeline_stages()
+    load_training_dataset(run.dataset)
+    if not (Path(run.base_model) / "config.json").is_file():
+        raise FileNotFoundError(f"base model {run.base_model!r} has no config.json (comet-ds init-base builds one)")
+    hf_config = AutoConfig.from_pretrained(run.base_model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    decoder_parts(skeleton)
+    check_fits(skeleton, run.comet)
+    num_layers = hf_config.num_hidden_layers
+    if stages > num_layers:
+        raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    partition = [[*(["embedding"] if s == 0 else []), *(f"layer {i}" for i in range(bounds[s], bounds[s + 1])),
+                  *(["norm+head"] if s == stages - 1 else [])] for s in range(stages)]
+    total = sum(p.numel() for p in skeleton.parameters())
+    layer_params = sum(p.numel() for p in skeleton.model.layers[0].parameters())
+    h, c = hf_config.hidden_size, run.comet
+    memory_params = num_layers * (4 * h + 2 * 2 * h * c.bottleneck_rank + 2 * h)
+    if run.finetune.method == "lora":
+        r = run.finetune.lora_rank
+        per_layer = sum(r * (m.in_features + m.out_features) for name, m in skeleton.model.layers[0].named_modules()
+                        if name.rsplit(".", 1)[-1] in run.finetune.lora_targets and hasattr(m, "in_features"))
+        trainable = num_layers * per_layer + memory_params
+    else:
+        trainable = total + memory_params
+    bytes_per = 4
+    window = run.pipeline.bptt_window or 1
+    per_chunk_activations = run.train.sequences_per_step * c.chunk_length * h * bytes_per * 12  # ~12 saved tensors
+    layers_per_stage = max(len(p) for p in partition)
+    estimate = {
+        "weights_per_stage_mib":
+            (layer_params * layers_per_stage + total - num_layers * layer_params) * bytes_per / 2**20,
+        "optimizer_per_stage_mib": 3 * trainable / stages * bytes_per / 2**20,
+        "activations_per_chunk_per_stage_mib": per_chunk_activations * layers_per_stage / 2**20,
+    }
+    estimate = {k: round(v, 1) for k, v in estimate.items()}
+    estimate["activations_kept_chunks"] = window if run.pipeline.bptt_window else "all"
+    return Preflight(stages, num_layers, partition, trainable, total, estimate)
+
+
+def describe(run: RunConfig, check: Preflight) -> str:
+    lines = ["resolved run config:", json.dumps(run.to_dict(), indent=2), "deepspeed config:",
+             json.dumps(run.deepspeed_dict(), indent=2), f"pipeline: {check.stages} stage(s)"]
+    lines += [f"  stage {s}: {', '.join(parts)}" for s, parts in enumerate(check.partition)]
+    lines.append(f"parameters: {check.trainable_params:,} trainable of ~{check.total_params:,} (base)")
+    lines.append("memory estimate (fp32): " + ", ".join(f"{k} {v}" for k, v in check.memory_estimate_mib.items()))
+    if not run.pipeline.bptt_window:
+        lines.append("  activations are kept for every chunk of a sequence (set pipeline.bptt_window to bound them)")
+    return "\n".join(lines)
+
+
+def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+    from tqdm import tqdm
+
+    from comet_ds.modeling.pretrained import build_comet
+    from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
+    from comet_ds.pipeline.stages import build_pipeline_module
+    from comet_ds.train.checkpoint import restore_checkpoint, save_checkpoint
+    from comet_ds.train.data import StepSampler
+    from comet_ds.train.optim import build_optimizer
+    from comet_ds.train.tracking import Tracker
+
+    check = preflight(run)
+    output = Path(run.output_dir)
+    checkpoints = output / "checkpoints"
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        skip_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world % check.stages:
+        raise CometConfigError(f"{world} processes cannot be split into {check.stages} pipeline stages")
+    replicas = world // check.stages
+
+    torch.manual_seed(run.train.seed)
+    model, tokenizer = build_comet(run.base_model, run.comet, run.finetune)
+    for layer in model.layers:
+        layer.activation_checkpointing = run.train.activation_checkpointing
+    topology = PipeDataParallelTopology(num_pp=check.stages, num_dp=replicas)
+    module = build_pipeline_module(model, check.stages, partition=run.pipeline.partition,
+                                   bptt_window=run.pipeline.bptt_window, topology=topology)
+    optimizer, scheduler = build_optimizer(
+        module, {id(p) for p in model.memory_parameters()}, run.train.lr, run.train.weight_decay,
+        run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=run.deepspeed_dict())
+    engine = CometPipelineEngine.adopt(engine, run.pipeline.bptt_window)
+    replica = engine.grid.get_data_parallel_id()
+
+    layout_signature = {"stages": check.stages, "replicas": replicas, "comet": run.comet.to_dict(),
+                        "finetune": run.finetune.to_dict()}
+    state = restore_checkpoint(engine, checkpoints) if resume else None
+    if state is not None:
+        found = {k: state.get(k) for k in layout_signature}
+        if found != json.loads(json.dumps(layout_signature)):
+            raise CometConfigError(f"checkpoint {checkpoints} was written by a run with {found}; this run has "
+                                   f"{layout_signature}: resume with the same layout and CoMeT settings")
+    start = 0 if state is None else state["step"]
+    if rank == 0 and not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # a fresh run does not mix with an old one's checkpoints
+    tracker = Tracker(output, run.tracking.experiment, run.tracking.tracking_uri, run.tracking.run_name,
+                      enabled=rank == 0, resume_run_id=None if state is None else state.get("mlflow_run_id"))
+    if state is None:
+        tracker.log_params({"run": run.to_dict(), "deepspeed": run.deepspeed_dict()})
+
+    sampler = StepSampler(load_training_dataset(run.dataset), replicas, run.train.sequences_per_step,
+                          run.train.seed, run.train.max_tokens)
+    layout = ChunkLayout(run.comet, model.tokens)
+    progress = tqdm(total=run.train.steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
+    losses: list[float] = []
+    for step in range(start, run.train.steps):
+        batch = sampler.batch(step, replica)
+        chunks = layout.layout(batch.input_ids, batch.labels)
+        engine.reset_stage_timers()
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        begin = time.perf_counter()
+        loss = float(engine.train_step(chunks, loss_scale=replicas / max(1, batch.global_trained_tokens)))
+        seconds = time.perf_counter() - begin
+        losses.append(loss)
+        done = step + 1
+        tokens_per_s = batch.global_text_tokens / seconds
+        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        progress.update(1)
+        if done % run.train.log_every == 0 or done == run.train.steps:
+            stats = engine.stage_stats(seconds)
+            metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
+                       "tokens_per_s": tokens_per_s, "step_seconds": seconds, "chunks": len(chunks),
+                       "bubble_fraction": stats["bubble_fraction"],
+                       **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}}
+            tracker.log_metrics(metrics, step=done)
+        if done % run.train.save_every == 0 or done == run.train.steps:
+            save_checkpoint(engine, model, tokenizer, checkpoints, done, run.finetune, run.base_model,
+                            {"mlflow_run_id": tracker.run_id, **layout_signature}, run.train.keep_checkpoints)
+    progress.close()
+    final = checkpoints / f"step-{run.train.steps}" / "adapter"
+    if rank == 0:
+        from comet_ds.fs import atomic_directory
+
+        with atomic_directory(output / "adapter") as scratch:
+            shutil.copytree(final, scratch, dirs_exist_ok=True)
+        tracker.log_artifacts(output / "adapter", "adapter")
+        tracker.log_artifact(run.deepspeed_config)
+        tracker.close()
+    dist.barrier()
+    return {"losses": losses, "adapter": str(output / "adapter"), "start_step": start,
+            "mlflow": getattr(tracker, "tracking_uri", None)}
+
+
+def _grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def main_from_args(config_path: str, overrides: list[str], dry_run: bool, resume: bool) -> None:
+    from comet_ds.train.config import load_run_config
+
+    run = load_run_config(config_path, overrides)
+    if dry_run:
+        print(describe(run, preflight(run)))
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = train(run, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {len(result['losses'])} step(s) from step {result['start_step']}; "
+              f"adapter: {result['adapter']}; tracking: {result['mlflow']}")

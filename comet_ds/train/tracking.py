@@ -1,0 +1,102 @@
+"""Experiment tracking: MLflow on one rank, plus a local metrics file that never goes missing.
+
+Metrics always go to <output_dir>/metrics.jsonl. MLflow is tried as well: a sqlite store in the
+output directory by default, or MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME. If MLflow cannot be
+reached, training goes on: one warning, and the metrics file holds everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+MAX_PARAM_LENGTH = 500
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+class Tracker:
+    """Logs params, metrics and artifacts; a no-op on every rank but the logging one."""
+
+    def __init__(self, output_dir: str | Path, experiment: str, tracking_uri: str | None, run_name: str | None,
+                 enabled: bool, resume_run_id: str | None = None):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+        self.run_id: str | None = None
+        self._mlflow = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or \
+            f"sqlite:///{(self.output_dir / 'mlflow.db').absolute()}"
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
+        self.tracking_uri = uri
+        # a tracking server that is down should cost seconds, not minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(uri)
+            if mlflow.get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=(self.output_dir / "mlartifacts").absolute()
+                                         .as_uri())
+            mlflow.set_experiment(experiment)
+            run = mlflow.start_run(run_id=resume_run_id, run_name=None if resume_run_id else run_name)
+            self.run_id = run.info.run_id
+            self._mlflow = mlflow
+        except Exception as err:  # any tracking failure (bad URI, server down) must not stop training
+            self._give_up(err)
+
+    def _give_up(self, err: Exception) -> None:
+        warnings.warn(f"MLflow tracking at {self.tracking_uri} is unavailable ({type(err).__name__}: {err}); "
+                      f"training continues and metrics are kept in {self.metrics_file}", stacklevel=3)
+        self._mlflow = None
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self._mlflow is None:
+            return
+        try:
+            getattr(self._mlflow, method)(*args, **kwargs)
+        except Exception as err:
+            self._give_up(err)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled:
+            flat = flatten(params)
+            for start in range(0, len(flat), 100):
+                self._call("log_params", dict(list(flat.items())[start:start + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._call("log_metrics", dict(metrics), step=step)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._call("log_artifacts", str(path), artifact_path)
+
+    def log_artifact(self, path: str | Path) -> None:
+        if self.enabled:
+            self._call("log_artifact", str(path))
+
+    def close(self) -> None:
+        self._call("end_run")

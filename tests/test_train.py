@@ -1,0 +1,207 @@
+"""`comet-ds train`: preflight errors, real multi-process runs, exact resume after SIGKILL, two nodes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from comet_ds.cli import main
+from data_prep.cli import main as prep_main
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def passkey_data(base_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "passkey"
+    prep_main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "300", "--depths", "3",
+               "--samples-per-cell", "2", "--seed", "3", "--output", str(out)])
+    return str(out)
+
+
+def write_config(tmp_path: Path, base: str, data: str, **train) -> Path:
+    config = {
+        "base_model": base, "dataset": data, "output_dir": str(tmp_path / "run"),
+        "deepspeed_config": str(REPO / "ds_configs" / "cpu_fp32_2stage.json"),
+        "comet": {"chunk_size": 64, "global_slots": 4, "temp_stride": 8, "temp_budget": 16},
+        "train": {"steps": 8, "lr": 5e-3, "warmup_steps": 1, "grad_clip": 1.0, "save_every": 2, **train},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def torchrun(config: Path, *extra: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), "-m", "comet_ds.cli", "train", "--config", str(config), *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def losses(run_dir: Path) -> dict[int, list[float]]:
+    out: dict[int, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.setdefault(row["step"], []).append(row["loss"])
+    return out
+
+
+def test_dry_run_prints_config_partition_and_estimate(base_dirs, passkey_data, tmp_path, capsys):
+    main(["train", "--config", str(write_config(tmp_path, base_dirs["llama"], passkey_data)), "--dry-run",
+          "train.steps=3"])
+    out = capsys.readouterr().out
+    assert '"steps": 3' in out
+    assert "stage 0: embedding, layer 0" in out and "stage 1: layer 1, norm+head" in out
+    assert "memory estimate" in out
+
+
+def bad_dataset(tmp_path: Path) -> str:
+    from datasets import Dataset
+
+    Dataset.from_dict({"text": ["a", "b"]}).save_to_disk(str(tmp_path / "bad"))
+    return str(tmp_path / "bad")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda cfg, tmp: cfg.update(dataset=bad_dataset(tmp)), "lacks the column(s) input_ids, labels"),
+        (lambda cfg, tmp: cfg["comet"].update(chunk_size=5000), "supports 4096 positions"),
+        (lambda cfg, tmp: cfg.update(deepspeed_config=str(REPO / "ds_configs" / "gpu_bf16_4stage.json")),
+         "4 pipeline stages for 2 decoder layers"),
+        (lambda cfg, tmp: cfg["train"].update(stepz=3), "did you mean 'steps'"),
+        (lambda cfg, tmp: cfg.update(dataset=str(tmp / "nowhere")), "is not a saved dataset"),
+    ],
+)
+def test_bad_input_is_one_clear_line_before_any_process_starts(base_dirs, passkey_data, tmp_path, capsys,
+                                                               change, message):
+    path = write_config(tmp_path, base_dirs["llama"], passkey_data)
+    config = yaml.safe_load(path.read_text())
+    change(config, tmp_path)
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()  # only what `comet-ds train` prints counts
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unsupported_base_model_is_refused(passkey_data, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    path = write_config(tmp_path, str(tmp_path / "gpt2"), passkey_data)
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path)])
+    assert "model type 'gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_sigkilled_run_resumes_with_the_same_losses(base_dirs, passkey_data, tmp_path):
+    straight = write_config(tmp_path / "a", base_dirs["llama"], passkey_data)
+    done = subprocess.run(torchrun(straight), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = losses(tmp_path / "a" / "run")
+    assert sorted(expected) == list(range(1, 9))
+
+    config = write_config(tmp_path / "b", base_dirs["llama"], passkey_data)
+    run_dir = tmp_path / "b" / "run"
+    proc = subprocess.Popen(torchrun(config), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    victims = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for victim in victims:  # torchrun's workers run in sessions of their own: kill each one
+        victim.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=30)
+    proc.wait()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest != "step-8", "the run finished before it could be killed"
+
+    resumed = subprocess.run(torchrun(config, "--resume"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from step {latest.split('-')[1]}" in resumed.stdout
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step, values in got.items():  # steps logged before the kill and again after the resume agree
+        for value in values:
+            assert value == pytest.approx(expected[step][0], rel=1e-6, abs=0), (step, values, expected[step])
+
+    from comet_ds.modeling.pretrained import load_comet
+
+    model, _, settings = load_comet(run_dir / "adapter")
+    assert settings.method == "lora" and len(model.layers) == 2
+
+
+def test_two_nodes_on_loopback_with_the_deepspeed_launcher(base_dirs, passkey_data, tmp_path):
+    config = write_config(tmp_path, base_dirs["qwen3"], passkey_data, steps=3, save_every=3)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    nodes = [subprocess.Popen([str(REPO / "launch" / "multi_node.sh"), "--hostfile", str(hostfile),
+                               "--master-addr", "127.0.0.1", "--port", port, "--node-rank", str(rank),
+                               "--config", str(config)], env=ENV, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "trained 3 step(s)" in outputs[0]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["stages"] == 2 and state["replicas"] == 1
+
+
+def test_mlflow_records_params_metrics_and_the_adapter(base_dirs, passkey_data, tmp_path):
+    config = write_config(tmp_path, base_dirs["llama"], passkey_data, steps=2, save_every=2)
+    done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("comet_ds").experiment_id])
+    assert run.data.params["run.train.steps"] == "2"
+    assert run.data.params["deepspeed.zero_optimization.stage"] == "1"
+    for metric in ("loss", "lr", "grad_norm", "tokens_per_s", "bubble_fraction", "peak_mem_mib_stage0",
+                   "peak_mem_mib_stage1"):
+        assert metric in run.data.metrics, metric
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/comet_memory.safetensors" in artifacts
+
+
+def test_unreachable_tracking_server_does_not_stop_training(tmp_path):
+    import warnings
+
+    from comet_ds.train.tracking import Tracker
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(tmp_path, "exp", "http://127.0.0.1:9", None, enabled=True)
+        tracker.log_params({"a": {"b": 1}})
+        tracker.log_metrics({"loss": 1.5}, step=1)
+        tracker.log_metrics({"loss": 1.25}, step=2)
+        tracker.close()
+    assert len([w for w in caught if "unavailable" in str(w.message)]) == 1
+    assert [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1.5, 1.25]
