@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ comet_ds turns a pretrained Hugging Face decoder (Llama, Qwen2/Qwen3, Mistral-st
 memory model that reads arbitrarily long inputs chunk by chunk with constant memory.
 
 Start here:
-  comet-ds demo --out runs/demo            build a tiny base, wrap it with CoMeT, stream 32k tokens
+  comet-ds demo --out runs/demo            tiny base → passkey data → 2-stage pipeline training → stream 32k
+  comet-ds train --config RUN.yaml         fine-tune (under the deepspeed launcher; see launch/)
   comet-ds init-base --out runs/base       a tiny local base model + tokenizer (no download)
   comet-ds export --adapter DIR --merge --out DIR2
                                            a standalone model with LoRA merged in
@@ -63,47 +65,72 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
               f" tokens/s: {last['tokens_per_s'] / first['tokens_per_s']:.3f}x")
 
 
+DEMO_COMET = {"chunk_size": 128, "global_slots": 8, "temp_stride": 8, "temp_budget": 64}
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> None:
+    from comet_ds.bench.pipeline import BENCH_CONFIG, run_all
+    from comet_ds.modeling.tiny_base import init_base
+
+    base = args.base or str(Path(args.workdir) / "tiny-base-4l")
+    if args.base is None and not (Path(base) / "config.json").exists():
+        init_base(base, num_layers=4)
+    print(f"pipeline training, fp32, base {base}, {BENCH_CONFIG}")
+    result = run_all(base, args.tokens, args.memory_lengths, args.bptt_window, args.steps, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     import torch
+    import yaml
 
-    from comet_ds.config import CometConfig
     from comet_ds.layout import ChunkLayout
-    from comet_ds.modeling.finetune import FinetuneSettings, parameter_counts
-    from comet_ds.modeling.pretrained import build_comet, export_merged, load_comet, save_comet
+    from comet_ds.modeling.pretrained import export_merged, load_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
-    from comet_ds.resources import peak_rss_mib
+    from comet_ds.resources import free_port, peak_rss_mib
+    from data_prep.cli import main as prep
 
-    out = Path(args.out)
+    out = Path(args.out).absolute()
     torch.set_num_threads(args.threads)
     step = _Steps()
-    with step("tiny base model (init-base)"):
+    with step("tiny base model (comet-ds init-base)"):
         base = init_base(out / "base", args.arch)
-    config = CometConfig(chunk_size=128, global_slots=8, temp_stride=8, temp_budget=64)
-    with step(f"CoMeT + LoRA on the base ({config})"):
-        model, tokenizer = build_comet(base, config, FinetuneSettings())
-        counts = parameter_counts(model)
-        print(f"    {counts['trainable']:,} trainable of {counts['total']:,} parameters "
-              f"({counts['memory']:,} in memory networks)")
+    with step("passkey training data (comet-prep passkey)"):
+        prep(["passkey", "--tokenizer", str(base), "--lengths", str(args.train_tokens), "--depths", "5",
+              "--samples-per-cell", "8", "--output", str(out / "passkey")])
+    run_config = {
+        "base_model": str(base), "dataset": str(out / "passkey"), "output_dir": str(out / "train"),
+        "deepspeed_config": str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_fp32_2stage.json"),
+        "comet": DEMO_COMET, "finetune": {"method": "lora"},
+        "train": {"steps": args.steps, "lr": 2e-3, "warmup_steps": 2, "grad_clip": 1.0,
+                  "save_every": args.steps, "log_every": 1},
+        "tracking": {"experiment": "comet_ds-demo"},
+    }
+    (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    with step(f"fine-tune CoMeT + LoRA on 2 pipeline stages (deepspeed launcher, {args.steps} steps)"):
+        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                    str(free_port()), "--no_local_rank", "--module", "comet_ds.cli", "train",
+                    "--config", str(out / "run.yaml")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if subprocess.run(launcher, env=env, check=False).returncode != 0:
+            raise SystemExit("comet-ds demo: training failed (its output is above)")
+    with step("reload the trained adapter, export it with LoRA merged"):
+        model, tokenizer, _ = load_comet(out / "train" / "adapter")
+        export_merged(out / "train" / "adapter", out / "merged")
     text = " ".join(synthetic_corpus(num_lines=6000, seed=1))
     ids = tokenizer(text, add_special_tokens=False).input_ids[: args.tokens]
-    layout = ChunkLayout(config, model.tokens)
-    with step(f"layer-major reference vs chunk-major streaming on {len(ids[:2048]):,} tokens"), torch.no_grad():
-        short = layout.layout([ids[:2048]])
-        ref, stream = model.forward_reference(short), model(short)
-        print(f"    loss {ref.loss.item():.6f} vs {stream.loss.item():.6f} "
-              f"(|diff| {abs(ref.loss.item() - stream.loss.item()):.1e})")
-    with step("save adapter directory, reload, export with LoRA merged"):
-        adapter = save_comet(model, tokenizer, out / "adapter", FinetuneSettings(), str(base))
-        export_merged(adapter, out / "merged")
-        reloaded, _, _ = load_comet(out / "merged")
-    with step(f"streaming {len(ids):,} tokens in {layout.num_chunks(len(ids))} chunks"), torch.inference_mode():
+    layout = ChunkLayout(model.config, model.tokens)
+    with step(f"stream {len(ids):,} tokens through the trained model"), torch.inference_mode():
         start = time.perf_counter()
-        result = reloaded(layout.iter_chunks([ids]))
+        result = model(layout.iter_chunks([ids]))
         seconds = time.perf_counter() - start
         print(f"    loss {result.loss.item():.4f}, {len(ids) / seconds:,.0f} tokens/s, "
               f"peak RSS {peak_rss_mib():.0f} MiB")
-    print("\npipeline training on DeepSpeed and passkey evaluation: not yet available in this version")
-    print(f"outputs: {out.absolute()}")
+    print("\npasskey evaluation: not yet available in this version")
+    print(f"adapter:       {out / 'train' / 'adapter'}")
+    print(f"merged model:  {out / 'merged'}")
+    print(f"MLflow store:  sqlite:///{out / 'train' / 'mlflow.db'}  (mlflow ui --backend-store-uri ...)")
 
 
 class _Steps:
@@ -189,23 +216,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result rows to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
 
+    p = bench.add_parser("pipeline", help="pipeline training: stage overlap and memory against length",
+                         description="Time real 2-stage pipeline training steps against 1 stage on the same "
+                                     "sequence (as a fraction of the ideal T*S/(T+S-1)), and measure peak RSS per "
+                                     "stage for long training sequences with a fixed BPTT window.\n\n"
+                                     "example: comet-ds bench pipeline --memory-lengths 32k,1m",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=_length, default=16384, help="sequence for the throughput runs (default: 16k)")
+    p.add_argument("--memory-lengths", default="32k,1m", type=lambda s: [_length(x) for x in s.split(",")],
+                   help="training sequence lengths for the memory runs (default: 32k,1m)")
+    p.add_argument("--bptt-window", type=int, default=8, help="BPTT window of the memory runs (default: 8)")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per throughput run (default: 2)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of throughput runs (default: 2)")
+    p.add_argument("--base", help="base model directory (default: a 4-layer tiny base built in --workdir)")
+    p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench_pipeline)
+
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny local base (CPU, minutes)",
-                       description="Build a tiny base, wrap it with CoMeT and LoRA, check the streaming path "
-                                   "against the layer-major reference, save/reload/export, and stream a long "
-                                   "sequence in constant memory.\n\nexample: comet-ds demo --out runs/demo",
+                       description="Build a tiny base and passkey data, fine-tune CoMeT + LoRA on 2 DeepSpeed "
+                                   "pipeline stages through the deepspeed launcher with MLflow tracking, reload "
+                                   "and export the adapter, and stream a long sequence in constant memory.\n\n"
+                                   "example: comet-ds demo --out runs/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
+    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    p.add_argument("--train-tokens", type=int, default=1024, help="tokens per training sample (default: 1024)")
     p.add_argument("--tokens", type=int, default=32768, help="tokens to stream at the end (default: 32768)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads outside training (default: 2)")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def _length(text: str) -> int:
-    from comet_ds.bench.forward import parse_length
+    from comet_ds.config import CometConfigError, parse_token_count
 
-    return parse_length(text)
+    try:
+        return parse_token_count(text)
+    except CometConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -147,3 +147,16 @@ def _known_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, 
             suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(names)}"
             raise CometConfigError(f"unknown {section} setting {key!r}{suggestion}")
     return dict(values)
+
+
+def parse_token_count(text: str) -> int:
+    """A token count as people write it: 4096, 32k, 1.5k, 1m (k = 1024, m = 1024**2)."""
+    cleaned = text.strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(cleaned[-1:], 1)
+    try:
+        value = float(cleaned.rstrip("km")) * scale
+    except ValueError:
+        raise CometConfigError(f"not a token count: {text!r} (use e.g. 4096, 32k, 1m)") from None
+    if value < 1 or value != int(value):
+        raise CometConfigError(f"not a whole positive token count: {text!r}")
+    return int(value)

@@ -1,9 +1,10 @@
-"""Process memory readings: current and peak resident memory (Linux VmHWM), or GPU peak allocation."""
+"""Machine resources: process memory (current and peak RSS, GPU peak allocation) and free ports."""
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import socket
 from pathlib import Path
 
 import psutil
@@ -36,3 +37,10 @@ def peak_memory_mib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mib()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,9 +14,12 @@ manifest.json beside the data).
 
 
 def _lengths(text: str) -> list[int]:
-    from comet_ds.bench.forward import parse_length
+    from comet_ds.config import CometConfigError, parse_token_count
 
-    return [parse_length(x) for x in text.split(",")]
+    try:
+        return [parse_token_count(x) for x in text.split(",")]
+    except CometConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _depths(text: str) -> list[float]:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -28,3 +29,16 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "is not a CoMeT model directory" in err and "Traceback" not in err
+
+
+def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
+    """README's main command, shortened: 2-stage training through the deepspeed launcher included."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "comet_ds", "demo", "--out", str(tmp_path / "demo"), "--steps", "2",
+                           "--train-tokens", "300", "--tokens", "2048"], capture_output=True, text=True, env=env,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained 2 step(s)" in done.stdout
+    assert (tmp_path / "demo" / "train" / "mlflow.db").is_file()
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
+    assert "MLflow store:" in done.stdout

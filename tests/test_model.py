@@ -159,3 +159,16 @@ def test_inserted_tokens_are_single_special_tokens(base_dirs):
     assert {model.tokens.placeholder_id, model.tokens.temp_beacon_id, model.tokens.global_beacon_ids[3]} <= set(ids)
     assert len(set(model.tokens.inserted_ids)) == CONFIG.global_slots + 2
     assert Role.TEXT == 1
+
+
+def test_activation_checkpointing_gives_the_same_gradients(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))
+    model(chunks).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for layer in model.layers:
+        layer.activation_checkpointing = True
+    model(chunks).loss.backward()
+    for name, grad in plain.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-7, rtol=1e-6)

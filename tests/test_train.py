@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,11 @@ import pytest
 import yaml
 
 from comet_ds.cli import main
+from comet_ds.resources import free_port
 from data_prep.cli import main as prep_main
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +96,15 @@ def test_bad_input_is_one_clear_line_before_any_process_starts(base_dirs, passke
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_fresh_run_never_overwrites_earlier_checkpoints(base_dirs, passkey_data, tmp_path, capsys):
+    path = write_config(tmp_path, base_dirs["llama"], passkey_data)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-2\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path)])
+    assert "pass --resume to continue it" in capsys.readouterr().err
 
 
 def test_unsupported_base_model_is_refused(passkey_data, tmp_path, capsys):

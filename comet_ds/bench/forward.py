@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from comet_ds.config import CometConfig
+from comet_ds.config import CometConfig, parse_token_count
 from comet_ds.resources import peak_rss_mib, reset_peak_memory, rss_mib
 
 BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)
@@ -46,15 +46,6 @@ def run_one(base: str, length: int, config: CometConfig, seed: int = 0) -> dict[
             "rss_growth_mib": round(max(0.0, peak_rss_mib() - baseline), 1), "loss": round(out.loss.item(), 4)}
 
 
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
-    try:
-        return int(float(text.rstrip("km")) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a length: {text!r} (use e.g. 4096, 32k, 1m)") from None
-
-
 def run_all(base: str, lengths: list[int], threads: int) -> list[dict[str, float]]:
     """Run each length in its own process; return their result rows."""
     rows = []
@@ -77,7 +68,7 @@ def format_row(row: dict[str, float]) -> str:
 def main() -> None:  # one length, in this process (called by run_all)
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", required=True)
-    parser.add_argument("--length", type=parse_length, required=True)
+    parser.add_argument("--length", type=parse_token_count, required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import deepspeed.comm as dist
@@ -23,6 +24,19 @@ def skip_shm_build() -> None:
     import deepspeed.comm.torch  # noqa: F401  (the submodule; `deepspeed.comm.torch` the name is torch)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _libc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0)
+
+
+# glibc keeps freed heap pages between the long-lived tensors of a long sequence, so a process's
+# resident memory creeps up chunk after chunk; returning them after every BPTT window keeps it flat.
+release_free_memory = _libc_trim() if not torch.cuda.is_available() else (lambda: None)
 
 
 class CometPipelineEngine(PipelineEngine):
@@ -83,6 +97,10 @@ class CometPipelineEngine(PipelineEngine):
         self._compute_seconds += time.perf_counter() - begin
         if self.is_last_stage() and self._compute_loss:
             self._losses_by_buffer[buffer_id] = self.loss
+            if self.module.training:
+                # DeepSpeed keeps every micro-batch's loss for evaluation; in training that list only
+                # grows (one small tensor per chunk pins memory on a million-token step)
+                self.fwd_outputs.clear()
 
     def _exec_backward_pass(self, buffer_id: int) -> None:
         if self.is_last_stage():
@@ -90,6 +108,8 @@ class CometPipelineEngine(PipelineEngine):
         begin = time.perf_counter()
         super()._exec_backward_pass(buffer_id)
         self._compute_seconds += time.perf_counter() - begin
+        if buffer_id == 0:  # a BPTT window is done: its activations are free
+            release_free_memory()
 
     _INSTRUCTION_MAP: dict[Any, Any] = {  # noqa: RUF012  (a class table, as in the parent)
         **PipelineEngine._INSTRUCTION_MAP,

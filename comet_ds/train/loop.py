@@ -32,13 +32,16 @@ class Preflight:
     memory_estimate_mib: dict[str, float | int | str]
 
 
-def preflight(run: RunConfig) -> Preflight:
+def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     """Every check that needs no process group: dataset, base model, stages, chunk length."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from comet_ds.modeling.backbone import check_fits, decoder_parts
 
     stages = run.pipeline_stages()
+    if not resume and (Path(run.output_dir) / "checkpoints" / "latest").exists():
+        raise CometConfigError(f"{run.output_dir} holds checkpoints of an earlier run: pass --resume to continue "
+                               "it, or choose another output_dir")
     load_training_dataset(run.dataset)
     if not (Path(run.base_model) / "config.json").is_file():
         raise FileNotFoundError(f"base model {run.base_model!r} has no config.json (comet-ds init-base builds one)")
@@ -104,7 +107,7 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     from comet_ds.train.optim import build_optimizer
     from comet_ds.train.tracking import Tracker
 
-    check = preflight(run)
+    check = preflight(run, resume)
     output = Path(run.output_dir)
     checkpoints = output / "checkpoints"
     on_gpu = torch.cuda.is_available()
@@ -134,14 +137,17 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     layout_signature = {"stages": check.stages, "replicas": replicas, "comet": run.comet.to_dict(),
                         "finetune": run.finetune.to_dict()}
     state = restore_checkpoint(engine, checkpoints) if resume else None
+    if resume and state is None and rank == 0:
+        print(f"no checkpoint in {checkpoints}: starting from step 0", flush=True)
     if state is not None:
         found = {k: state.get(k) for k in layout_signature}
         if found != json.loads(json.dumps(layout_signature)):
             raise CometConfigError(f"checkpoint {checkpoints} was written by a run with {found}; this run has "
                                    f"{layout_signature}: resume with the same layout and CoMeT settings")
     start = 0 if state is None else state["step"]
-    if rank == 0 and not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)  # a fresh run does not mix with an old one's checkpoints
+    metrics_file = output / "metrics.jsonl"
+    if rank == 0 and state is None and metrics_file.exists():  # a fresh run keeps an earlier file aside
+        metrics_file.rename(output / f"metrics.{int(time.time())}.jsonl")
     tracker = Tracker(output, run.tracking.experiment, run.tracking.tracking_uri, run.tracking.run_name,
                       enabled=rank == 0, resume_run_id=None if state is None else state.get("mlflow_run_id"))
     if state is None:
@@ -200,7 +206,7 @@ def main_from_args(config_path: str, overrides: list[str], dry_run: bool, resume
 
     run = load_run_config(config_path, overrides)
     if dry_run:
-        print(describe(run, preflight(run)))
+        print(describe(run, preflight(run, resume)))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = train(run, resume=resume)
