@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -17,6 +19,8 @@ memory model that reads arbitrarily long inputs chunk by chunk with constant mem
 Start here:
   comet-ds demo --out runs/demo            tiny base → passkey data → 2-stage pipeline training → stream 32k
   comet-ds train --config RUN.yaml         fine-tune (under the deepspeed launcher; see launch/)
+  comet-ds generate --model DIR --prompt TEXT
+                                           stream a prompt of any length and continue it
   comet-ds init-base --out runs/base       a tiny local base model + tokenizer (no download)
   comet-ds export --adapter DIR --merge --out DIR2
                                            a standalone model with LoRA merged in
@@ -44,6 +48,39 @@ def cmd_train(args: argparse.Namespace) -> None:
     from comet_ds.train.loop import main_from_args
 
     main_from_args(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+    from comet_ds.modeling.pretrained import load_comet
+
+    prompts = [{"prompt": text} for text in args.prompt or []]
+    if args.prompts:
+        for number, line in enumerate(Path(args.prompts).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    prompts.append(row if isinstance(row, dict) and "prompt" in row else {"prompt": row["prompt"]})
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    raise SystemExit(f"comet-ds generate: {args.prompts}:{number}: expected a JSON object "
+                                     'with a "prompt" field') from None
+    if not prompts:
+        raise SystemExit("comet-ds generate: give --prompt TEXT or --prompts FILE.jsonl")
+    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    stops = () if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                stop_token_ids=stops)
+    generator = StreamingGenerator(model)
+    rows = []
+    for row in prompts:
+        new = generator.generate(tokenizer(row["prompt"]).input_ids, settings)
+        rows.append({**row, "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new)})
+        if not args.output:
+            print(rows[-1]["completion"], flush=True)
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} completion(s) to {args.output}")
 
 
 def cmd_bench_forward(args: argparse.Namespace) -> None:
@@ -85,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
-    from comet_ds.layout import ChunkLayout
+    from comet_ds.layout import IGNORE_INDEX, ChunkLayout
     from comet_ds.modeling.pretrained import export_merged, load_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
     from comet_ds.resources import free_port, peak_rss_mib
@@ -127,7 +164,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         print(f"    loss {result.loss.item():.4f}, {len(ids) / seconds:,.0f} tokens/s, "
               f"peak RSS {peak_rss_mib():.0f} MiB")
-    print("\npasskey evaluation: not yet available in this version")
+    with step("generate: continue a held-out passkey prompt with the trained model"):
+        from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+        from data_prep.passkey import passkey_sample
+
+        sample = passkey_sample(tokenizer, args.train_tokens * 4, 0.5, random.Random(12345))
+        prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
+        new = StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=8))
+        print(f"    {len(prompt):,}-token prompt, key {sample.passkey}: generated "
+              f"{tokenizer.decode(new, skip_special_tokens=True)!r}")
+    print("\npasskey evaluation (accuracy by length and depth): not yet available in this version")
     print(f"adapter:       {out / 'train' / 'adapter'}")
     print(f"merged model:  {out / 'merged'}")
     print(f"MLflow store:  sqlite:///{out / 'train' / 'mlflow.db'}  (mlflow ui --backend-store-uri ...)")
@@ -201,6 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("generate", help="generate from a CoMeT model, streaming prompts of any length",
+                       description="Load a CoMeT model directory (a checkpoint's adapter, a training run's "
+                                   "adapter/ or an export) and continue prompts. Prompts stream chunk by chunk "
+                                   "with the memories; only the current chunk is cached, and generation rolls "
+                                   "over into new chunks without a length limit.\n\nexamples:\n"
+                                   "  comet-ds generate --model runs/demo/train/adapter --prompt 'The pass key is'\n"
+                                   "  comet-ds generate --model DIR --prompts prompts.jsonl --output out.jsonl "
+                                   "--sample --top-p 0.9",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="CoMeT model directory")
+    p.add_argument("--base", help="base model directory, if it moved since training")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help='JSONL file, one {"prompt": ...} object per line (other fields are kept)')
+    p.add_argument("--output", help="write JSONL results here instead of printing completions")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("bench", help="benchmarks (results belong in docs/BENCHMARKS.md)")
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     p = bench.add_parser("forward", help="streaming forward: peak RSS and tokens/s against length",
@@ -267,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from dependencies
     try:
         args.func(args)
     except (CometInputError, FileNotFoundError) as err:

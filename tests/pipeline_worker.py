@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--method", default="lora")
     parser.add_argument("--reference-window", type=int, default=-1,
                         help="BPTT window of the reference (default: the pipeline's); a mismatch must be caught")
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1])
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -79,8 +80,12 @@ def main() -> None:
     module = build_pipeline_module(model, args.stages, bptt_window=window, topology=topology)
     trainable = [p for p in module.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(trainable, lr=0.0), config=config)
+              "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
+              "steps_per_print": 10**9}
+    # ZeRO-1 keeps gradients in its own buffers, so its gradients are read from one SGD step instead:
+    # with a large learning rate, (before - after) / lr is the gradient to float32 precision
+    lr = 0.0 if args.zero == 0 else 1e4
+    engine, *_ = deepspeed.initialize(model=module, optimizer=torch.optim.SGD(trainable, lr=lr), config=config)
     engine = CometPipelineEngine.adopt(engine, window)
     snapshot: dict[str, torch.Tensor] = {}
     take_step = engine._take_model_step
@@ -90,8 +95,11 @@ def main() -> None:
         return take_step(*a, **k)
 
     engine._take_model_step = snapshot_then_step
+    before = {names[id(p)]: p.detach().clone() for p in trainable}
     my_replica = engine.grid.get_data_parallel_id()
     loss = engine.train_step(all_chunks[my_replica], loss_scale=replicas / total_labels)
+    if args.zero == 1:
+        snapshot = {names[id(p)]: (before[names[id(p)]] - p.detach()) / lr for p in trainable}
 
     worst, compared, memory_grads = 0.0, 0, 0
     for name, grad in snapshot.items():

@@ -43,6 +43,14 @@ def test_bptt_window_matches_a_reference_cut_at_the_same_chunks(base_dirs, tmp_p
     assert_exact(run_pipeline(base_dirs["llama"], tmp_path, "--bptt-window", "2"))
 
 
+def test_zero_stage_1_matches_too(base_dirs, tmp_path):
+    assert_exact(run_pipeline(base_dirs["llama"], tmp_path, "--zero", "1"))
+
+
+def test_zero_stage_1_with_two_replicas(base_dirs, tmp_path):
+    assert_exact(run_pipeline(base_dirs["qwen3"], tmp_path, "--stages", "1", "--zero", "1"), stages=1)
+
+
 def test_the_comparison_catches_a_gradient_cut_in_the_wrong_place(base_dirs, tmp_path):
     result = run_pipeline(base_dirs["llama"], tmp_path, "--bptt-window", "2", "--reference-window", "0")
     assert result["max_rel_grad_err"] > 1e-2

@@ -62,7 +62,7 @@ def test_dry_run_prints_config_partition_and_estimate(base_dirs, passkey_data, t
           "train.steps=3"])
     out = capsys.readouterr().out
     assert '"steps": 3' in out
-    assert "stage 0: embedding, layer 0" in out and "stage 1: layer 1, norm+head" in out
+    assert "stage 0: token embedding, inserted rows, layer 0" in out and "stage 1: layer 1, final norm, loss" in out
     assert "memory estimate" in out
 
 

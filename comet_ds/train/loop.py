@@ -53,24 +53,26 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     num_layers = hf_config.num_hidden_layers
     if stages > num_layers:
         raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    partition = [[*(["embedding"] if s == 0 else []), *(f"layer {i}" for i in range(bounds[s], bounds[s + 1])),
-                  *(["norm+head"] if s == stages - 1 else [])] for s in range(stages)]
     total = sum(p.numel() for p in skeleton.parameters())
     layer_params = sum(p.numel() for p in skeleton.model.layers[0].parameters())
     h, c = hf_config.hidden_size, run.comet
-    memory_params = num_layers * (4 * h + 2 * 2 * h * c.bottleneck_rank + 2 * h)
+    # per layer: global net (norm, 2H gate, rank-r adapter) + temporary net (norm, rank-r adapter)
+    memory_params = num_layers * (3 * h + 2 * h * c.bottleneck_rank + (h + 2 * h * c.bottleneck_rank
+                                                                        if c.temp_enabled else 0))
     if run.finetune.method == "lora":
         r = run.finetune.lora_rank
         per_layer = sum(r * (m.in_features + m.out_features) for name, m in skeleton.model.layers[0].named_modules()
                         if name.rsplit(".", 1)[-1] in run.finetune.lora_targets and hasattr(m, "in_features"))
         trainable = num_layers * per_layer + memory_params
     else:
+        per_layer = layer_params
         trainable = total + memory_params
+    partition = _stage_partition(run.pipeline.partition, stages, num_layers,
+                                 per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
     bytes_per = 4
     window = run.pipeline.bptt_window or 1
     per_chunk_activations = run.train.sequences_per_step * c.chunk_length * h * bytes_per * 12  # ~12 saved tensors
-    layers_per_stage = max(len(p) for p in partition)
+    layers_per_stage = max(sum(name.startswith("layer ") for name in names) for names in partition)
     estimate = {
         "weights_per_stage_mib":
             (layer_params * layers_per_stage + total - num_layers * layer_params) * bytes_per / 2**20,
@@ -80,6 +82,22 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     estimate = {k: round(v, 1) for k, v in estimate.items()}
     estimate["activations_kept_chunks"] = window if run.pipeline.bptt_window else "all"
     return Preflight(stages, num_layers, partition, trainable, total, estimate)
+
+
+def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: int,
+                     inserted_rows_weight: int) -> list[list[str]]:
+    """The pipeline layers each stage gets, by the rule DeepSpeed applies (weights as it counts them:
+    trainable parameters for "parameters", decoder layers for "layers")."""
+    from deepspeed.runtime import utils as ds_utils
+
+    names = ["token embedding", "inserted rows", *(f"layer {i}" for i in range(num_layers)), "final norm", "loss"]
+    if method == "uniform":
+        parts = ds_utils.partition_uniform(num_items=len(names), num_parts=stages)
+    else:
+        weights = [0, inserted_rows_weight if method == "parameters" else 0,
+                   *([layer_weight if method == "parameters" else 1] * num_layers), 0, 0]
+        parts = ds_utils.partition_balanced(weights=weights, num_parts=stages)
+    return [names[parts[s]:parts[s + 1]] for s in range(stages)]
 
 
 def describe(run: RunConfig, check: Preflight) -> str:

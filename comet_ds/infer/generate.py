@@ -1,0 +1,174 @@
+"""Streaming generation: memories carried chunk to chunk, a KV cache for the current chunk only.
+
+The prompt's complete chunks stream through the model as in training; the current chunk is fed with
+a per-layer KV cache. Decoding inserts a temporary beacon after every `temp_stride` *text* tokens (the
+training cadence) and, when the chunk holds `chunk_size` text tokens, rolls over: the trailing beacon
+and the global beacons are fed, every layer's memories are updated from its beacon outputs, and a new
+chunk starts from its memory slots. Generation length is therefore unbounded, in constant memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from comet_ds.layout import IGNORE_INDEX, ChunkIndices, ChunkLayout, fifo_keep
+from comet_ds.modeling.memory import MemoryState
+from comet_ds.modeling.model import CometForCausalLM
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+
+
+def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+    """Greedy, or temperature / top-k / top-p sampling, from one row of logits."""
+    if not settings.do_sample:
+        return int(logits.argmax())
+    logits = logits.float() / settings.temperature
+    if settings.top_k > 0:
+        kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > settings.top_p
+        probs = probs.scatter(0, order[outside], 0.0)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+class _Chunk:
+    """The chunk being written: its KV cache, position and, per layer, the beacon outputs so far."""
+
+    def __init__(self, model: CometForCausalLM, index: int):
+        self.index = index
+        self.cache = DynamicCache()
+        self.length = 0  # tokens in the cache (all attended)
+        self.text = 0  # text tokens
+        self.temp_outputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
+
+
+class StreamingGenerator:
+    def __init__(self, model: CometForCausalLM):
+        self.model = model.eval()
+        self.config = model.config
+        self.tokens = model.tokens
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> list[int]:
+        """New token ids after `prompt_ids` (inserted beacons are not part of the result)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        size = self.config.chunk_size
+        done_chunks = (len(prompt_ids) - 1) // size
+        states: list[MemoryState | None] = [None] * len(self.model.layers)
+        if done_chunks:
+            head = prompt_ids[: done_chunks * size]
+            layout = ChunkLayout(self.config, self.tokens)
+            states = self.model(layout.iter_chunks([head], [[IGNORE_INDEX] * len(head)])).states
+        chunk = self._open(done_chunks, states)
+        logits = self._feed_text(chunk, prompt_ids[done_chunks * size:], states)
+        generator = torch.Generator().manual_seed(settings.seed)
+        out: list[int] = []
+        while len(out) < settings.max_new_tokens:
+            token = pick_token(logits, settings, generator)
+            out.append(token)
+            if token in settings.stop_token_ids or len(out) == settings.max_new_tokens:
+                break
+            if chunk.text == size:
+                states = self._close(chunk, states)
+                chunk = self._open(chunk.index + 1, states)
+            logits = self._feed_text(chunk, [token], states)
+        return out
+
+    # -- the current chunk ------------------------------------------------------------------------
+
+    def _open(self, index: int, states: list[MemoryState | None]) -> _Chunk:
+        """Start chunk `index`: fill its global and temporary slots with the carried memories."""
+        chunk = _Chunk(self.model, index)
+        if index == 0:
+            return chunk
+        slots = [self._slot_memory(state) for state in states]
+        self._run(chunk, self.tokens.placeholder_id * torch.ones(1, slots[0].shape[1], dtype=torch.long),
+                  replace_inputs=slots)
+        return chunk
+
+    @staticmethod
+    def _slot_memory(state: MemoryState) -> torch.Tensor:
+        parts = [state.global_memory] + ([state.temp_memory] if state.temp_memory is not None else [])
+        return torch.cat(parts, dim=1)
+
+    def _feed_text(self, chunk: _Chunk, text: list[int], states: list[MemoryState | None]) -> torch.Tensor:
+        """Feed text tokens (a beacon after every temp_stride of them); logits after the last one."""
+        ids, last_text = [], 0
+        for token in text:
+            ids.append(token)
+            chunk.text += 1
+            last_text = len(ids) - 1
+            if self.config.temp_enabled and chunk.text % self.config.temp_stride == 0:
+                ids.append(self.tokens.temp_beacon_id)
+        hidden = self._run(chunk, torch.tensor([ids]))
+        return self.model.head.logits(self.model.head.norm(hidden[:, last_text]))[0]
+
+    def _close(self, chunk: _Chunk, states: list[MemoryState | None]) -> list[MemoryState | None]:
+        """Feed the trailing beacon and the global beacons; return every layer's updated memories."""
+        cfg = self.config
+        trailing = [self.tokens.temp_beacon_id] if cfg.temp_enabled and chunk.text % cfg.temp_stride else []
+        ids = torch.tensor([[*trailing, *self.tokens.global_beacon_ids]])
+        global_outputs = self._run(chunk, ids, keep_layer_outputs=True)
+        new_states = []
+        nb, g = cfg.beacons_per_chunk, cfg.global_slots
+        for layer, state, temp_outputs, layer_out in zip(self.model.layers, states, chunk.temp_outputs,
+                                                          global_outputs):
+            out = torch.cat([*temp_outputs, layer_out[:, -g:]], dim=1)  # nb temp beacons, then G global
+            queue = 0 if state is None or state.temp_memory is None else state.temp_memory.shape[1]
+            indices = ChunkIndices(
+                global_slots=torch.zeros(1, 0, dtype=torch.long), temp_slots=torch.zeros(1, 0, dtype=torch.long),
+                temp_beacons=torch.arange(nb)[None], global_beacons=(nb + torch.arange(g))[None],
+                temp_keep=fifo_keep(torch.ones(1, queue + nb, dtype=torch.bool), cfg.queue_capacity))
+            new_states.append(layer.next_state(out, indices, state))
+        return new_states
+
+    def _run(self, chunk: _Chunk, ids: torch.Tensor, replace_inputs: list[torch.Tensor] | None = None,
+             keep_layer_outputs: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Run new tokens of the chunk through every layer with the KV cache; record beacon outputs."""
+        steps = ids.shape[1]
+        positions = torch.arange(chunk.length, chunk.length + steps)[None]
+        keys = chunk.length + steps
+        allowed = torch.arange(keys)[None, :] <= positions[0][:, None]
+        dtype = self.model.embedding.new_rows.dtype
+        mask = torch.zeros(1, 1, steps, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        hidden = self.model.embedding(ids)
+        rope = self.model.rotary_emb(hidden, positions)
+        is_beacon = (ids[0] == self.tokens.temp_beacon_id).nonzero()[:, 0]
+        outputs = []
+        for i, layer in enumerate(self.model.layers):
+            if replace_inputs is not None:
+                hidden = replace_inputs[i]
+            hidden = layer.decoder_layer(hidden, attention_mask=mask, position_ids=positions,
+                                         position_embeddings=rope, cache=chunk.cache, use_cache=True)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if len(is_beacon) and self.config.temp_enabled:
+                chunk.temp_outputs[i].append(hidden[:, is_beacon])
+            if keep_layer_outputs:
+                outputs.append(hidden)
+        chunk.length += steps
+        return outputs if keep_layer_outputs else hidden
