@@ -83,6 +83,69 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"wrote {len(rows)} completion(s) to {args.output}")
 
 
+def cmd_eval_passkey(args: argparse.Namespace) -> None:
+    import torch
+
+    from comet_ds.eval.passkey import (
+        comet_continuation,
+        evaluate_passkey,
+        full_attention_continuation,
+        full_attention_fits,
+    )
+    from comet_ds.eval.report import write_passkey_report
+    from comet_ds.modeling.backbone import load_backbone
+    from comet_ds.modeling.pretrained import load_comet, read_meta
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    depths = _depth_list(args.depths)
+    print(f"CoMeT passkey: {len(args.lengths)} lengths x {len(depths)} depths x {args.samples} sample(s)")
+    comet = evaluate_passkey(comet_continuation(model), tokenizer, args.lengths, depths, args.samples, args.seed)
+    baseline = None
+    if args.baseline == "full-attention":
+        base_dir = args.base or read_meta(args.model)["base_model"] or args.model
+        del model
+        base = load_backbone(base_dir).eval()
+        print(f"full-attention baseline ({base_dir}):")
+        baseline = evaluate_passkey(full_attention_continuation(base), tokenizer, args.lengths, depths,
+                                    args.samples, args.seed,
+                                    skip=lambda n: full_attention_fits(base, n, args.baseline_budget_gib))
+    params = {"model": str(args.model), "lengths": args.lengths, "depths": depths, "samples": args.samples,
+              "seed": args.seed, "baseline": args.baseline}
+    paths = write_passkey_report(Path(args.out), comet, baseline, params)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_eval_qa(args: argparse.Namespace) -> None:
+    from comet_ds.eval.passkey import comet_continuation
+    from comet_ds.eval.qa import evaluate_qa
+    from comet_ds.modeling.pretrained import load_comet
+    from comet_ds.train.data import load_training_dataset
+    from comet_ds.train.tracking import Tracker
+
+    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    result = evaluate_qa(comet_continuation(model), tokenizer, load_training_dataset(args.data),
+                         args.max_new_tokens, args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "qa.json").write_text(json.dumps(result, indent=2) + "\n")
+    tracker = Tracker(out, "comet_ds-eval", None, "qa", enabled=True)
+    tracker.log_params({"model": str(args.model), "data": str(args.data)})
+    tracker.log_metrics({"exact_match": result["exact_match"], "f1": result["f1"]}, step=0)
+    tracker.log_artifact(out / "qa.json")
+    tracker.close()
+    print(f"exact match {result['exact_match']:.1%}, token F1 {result['f1']:.1%} over {result['scored']} "
+          f"question(s) ({result['skipped']} row(s) without an answer skipped); {out / 'qa.json'}")
+
+
+def _depth_list(text: str) -> list[float]:
+    if "," not in text and "." not in text:
+        count = int(text)
+        return [0.5] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
+    return [float(x) for x in text.split(",")]
+
+
 def cmd_bench_forward(args: argparse.Namespace) -> None:
     from comet_ds.bench.forward import BENCH_CONFIG, run_all
     from comet_ds.modeling.tiny_base import init_base
@@ -173,7 +236,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
         new = StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=8))
         print(f"    {len(prompt):,}-token prompt, key {sample.passkey}: generated "
               f"{tokenizer.decode(new, skip_special_tokens=True)!r}")
-    print("\npasskey evaluation (accuracy by length and depth): not yet available in this version")
+    lengths = [args.train_tokens * 2**k for k in range(6)]
+    with step(f"passkey evaluation from 1x to 32x the training length ({lengths[0]:,} to {lengths[-1]:,} tokens)"):
+        from comet_ds.eval.passkey import comet_continuation, evaluate_passkey
+        from comet_ds.eval.report import write_passkey_report
+
+        results = evaluate_passkey(comet_continuation(model), tokenizer, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], 1,
+                                   seed=0, progress=lambda line: print("  " + line))
+        report = write_passkey_report(out / "eval", results, None, {"lengths": lengths, "model": "demo"})
+    print("\n  length   accuracy   tokens/s   peak MiB")
+    for r in results:
+        print(f"  {r.length:>7,}   {r.accuracy:>7.0%}   {r.tokens_per_s:>8,.0f}   {r.peak_mem_mib:>8,.0f}")
+    print(f"\nheatmap:       {report['heatmap']}")
     print(f"adapter:       {out / 'train' / 'adapter'}")
     print(f"merged model:  {out / 'merged'}")
     print(f"MLflow store:  sqlite:///{out / 'train' / 'mlflow.db'}  (mlflow ui --backend-store-uri ...)")
@@ -270,6 +344,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("eval", help="long-context evaluation: passkey retrieval, QA scoring")
+    evals = p.add_subparsers(dest="eval", metavar="EVAL", required=True)
+    p = evals.add_parser("passkey", help="passkey accuracy by length and depth, with speed and memory",
+                         description="Hide a 5-digit pass key at each depth of filler text of each length and ask "
+                                     "for it back. Writes passkey.json, a heatmap PNG and an MLflow run; with "
+                                     "--baseline full-attention also the plain base model, as far as it fits, and "
+                                     "a plot of memory and time against length for both.\n\n"
+                                     "example: comet-ds eval passkey --model runs/demo/train/adapter "
+                                     "--lengths 1k,4k,32k --depths 5 --baseline full-attention --out runs/eval",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="CoMeT model directory")
+    p.add_argument("--base", help="base model directory, if it moved since training")
+    p.add_argument("--lengths", default="1k,4k,16k", type=lambda s: [_length(x) for x in s.split(",")],
+                   help="comma-separated context lengths (default: 1k,4k,16k)")
+    p.add_argument("--depths", default="5", help="a number of evenly spaced depths, or fractions (default: 5)")
+    p.add_argument("--samples", type=int, default=1, help="samples per (length, depth) (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", choices=["none", "full-attention"], default="none")
+    p.add_argument("--baseline-budget-gib", type=float, default=8.0,
+                   help="skip full-attention lengths whose attention scores would exceed this (default: 8)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
+    p.set_defaults(func=cmd_eval_passkey)
+    p = evals.add_parser("qa", help="exact match and token F1 on a comet-prep dataset",
+                         description="Continue each row's prompt (the tokens before its labelled answer) and "
+                                     "score the continuation against the answer.\n\n"
+                                     "example: comet-ds eval qa --model DIR --data runs/agent_qa --out runs/eval_qa",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="CoMeT model directory")
+    p.add_argument("--base", help="base model directory, if it moved since training")
+    p.add_argument("--data", required=True, help="a comet-prep output directory")
+    p.add_argument("--max-new-tokens", type=int, help="default: the answer's length + 4")
+    p.add_argument("--limit", type=int, help="score at most this many questions")
+    p.add_argument("--out", default="runs/eval_qa", help="output directory (default: runs/eval_qa)")
+    p.set_defaults(func=cmd_eval_qa)
+
     p = sub.add_parser("bench", help="benchmarks (results belong in docs/BENCHMARKS.md)")
     bench = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     p = bench.add_parser("forward", help="streaming forward: peak RSS and tokens/s against length",
@@ -305,14 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny local base (CPU, minutes)",
                        description="Build a tiny base and passkey data, fine-tune CoMeT + LoRA on 2 DeepSpeed "
                                    "pipeline stages through the deepspeed launcher with MLflow tracking, reload "
-                                   "and export the adapter, and stream a long sequence in constant memory.\n\n"
+                                   "and export the adapter, stream a long sequence in constant memory, generate, "
+                                   "and evaluate passkey retrieval up to 32x the training length.\n\n"
                                    "example: comet-ds demo --out runs/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
     p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     p.add_argument("--train-tokens", type=int, default=1024, help="tokens per training sample (default: 1024)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens to stream at the end (default: 32768)")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens to stream after training (default: 32768)")
     p.add_argument("--threads", type=int, default=2, help="torch threads outside training (default: 2)")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -32,6 +32,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def memory_in_use_mib() -> float:
+    """GPU memory allocated when on a GPU, else the process's resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    return rss_mib()
+
+
 def peak_memory_mib() -> float:
     """GPU peak allocation when on a GPU, else peak resident memory of the process."""
     if torch.cuda.is_available():

@@ -77,7 +77,7 @@ def bad_dataset(tmp_path: Path) -> str:
     ("change", "message"),
     [
         (lambda cfg, tmp: cfg.update(dataset=bad_dataset(tmp)), "lacks the column(s) input_ids, labels"),
-        (lambda cfg, tmp: cfg["comet"].update(chunk_size=5000), "supports 4096 positions"),
+        (lambda cfg, tmp: cfg["comet"].update(chunk_size=40000), "supports 32768 positions"),
         (lambda cfg, tmp: cfg.update(deepspeed_config=str(REPO / "ds_configs" / "gpu_bf16_4stage.json")),
          "4 pipeline stages for 2 decoder layers"),
         (lambda cfg, tmp: cfg["train"].update(stepz=3), "did you mean 'steps'"),
@@ -208,3 +208,20 @@ def test_unreachable_tracking_server_does_not_stop_training(tmp_path):
         tracker.close()
     assert len([w for w in caught if "unavailable" in str(w.message)]) == 1
     assert [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1.5, 1.25]
+
+
+def test_environment_chooses_the_tracking_store_and_experiment(tmp_path, monkeypatch):
+    from comet_ds.train.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    tracker = Tracker(tmp_path / "out", "from-config", "sqlite:///ignored.db", None, enabled=True)
+    tracker.log_metrics({"loss": 2.0}, step=1)
+    tracker.close()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("from-env").experiment_id])
+    assert run.data.metrics["loss"] == 2.0
+    assert not (tmp_path / "out" / "mlflow.db").exists()

@@ -77,7 +77,7 @@ def train_tokenizer(vocab_size: int = 1024, seed: int = 0) -> PreTrainedTokenize
 
 
 def tiny_model(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4,
-               num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 4096,
+               num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 32768,
                seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")

@@ -53,7 +53,10 @@ class Tracker:
         try:
             import mlflow
 
+            user_uri = os.environ.get("MLFLOW_TRACKING_URI")
             mlflow.set_tracking_uri(uri)
+            if user_uri is None:  # mlflow exports the URI; keep the user's environment as it was
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
             if mlflow.get_experiment_by_name(experiment) is None:
                 mlflow.create_experiment(experiment, artifact_location=(self.output_dir / "mlartifacts").absolute()
                                          .as_uri())

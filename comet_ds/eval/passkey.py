@@ -1,0 +1,108 @@
+"""Passkey retrieval by length and depth: accuracy, speed and peak memory, for CoMeT or full attention.
+
+Every cell (length, depth) holds `samples` prompts built by data_prep's passkey generator; a sample
+counts as retrieved when the greedy continuation starts with the key's digits. Peak memory is reset
+before each length, so each length's figure is its own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+from comet_ds.layout import IGNORE_INDEX
+from comet_ds.modeling.model import CometForCausalLM
+from comet_ds.resources import memory_in_use_mib, peak_memory_mib, reset_peak_memory
+from data_prep.passkey import passkey_sample
+
+KEY_TOKENS = 8  # greedy tokens generated per prompt: a 5-digit key and some slack
+
+
+@dataclass
+class LengthResult:
+    length: int
+    accuracy_by_depth: dict[float, float]
+    tokens_per_s: float
+    seconds: float
+    peak_mem_mib: float
+    peak_growth_mib: float = float("nan")  # peak over the memory in use when the length started
+    skipped: str | None = None
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        values = list(self.accuracy_by_depth.values())
+        return sum(values) / len(values) if values else float("nan")
+
+
+def comet_continuation(model: CometForCausalLM) -> Callable[[list[int], int], list[int]]:
+    generator = StreamingGenerator(model)
+    return lambda prompt, n: generator.generate(prompt, SamplingSettings(max_new_tokens=n))
+
+
+def full_attention_continuation(model: PreTrainedModel) -> Callable[[list[int], int], list[int]]:
+    """The base model as it is: one forward over the whole prompt, KV cache for the new tokens."""
+
+    @torch.inference_mode()
+    def continuation(prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=model.config.pad_token_id or 0)
+        return out[0, len(prompt):].tolist()
+
+    return continuation
+
+
+def full_attention_fits(model: PreTrainedModel, length: int, budget_gib: float) -> str | None:
+    """Why the full-attention baseline is skipped at `length`, or None if it runs."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and length + KEY_TOKENS > limit:
+        return f"beyond the base model's {limit} positions"
+    scores_gib = config.num_attention_heads * length * length * 4 / 2**30  # one layer's attention scores
+    if scores_gib * 3 > budget_gib:
+        return f"attention scores alone need ~{scores_gib * 3:.1f} GiB (budget {budget_gib} GiB)"
+    return None
+
+
+def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,
+                     lengths: list[int], depths: list[float], samples: int, seed: int,
+                     skip: Callable[[int], str | None] = lambda _: None,
+                     progress: Callable[[str], None] = print) -> list[LengthResult]:
+    results = []
+    continuation(tokenizer("warm up", add_special_tokens=False).input_ids, 1)  # first-call allocations
+    for length in lengths:
+        reason = skip(length)
+        if reason:
+            progress(f"  {length:>9,} tokens: skipped ({reason})")
+            results.append(LengthResult(length, {}, float("nan"), float("nan"), float("nan"), skipped=reason))
+            continue
+        rng = random.Random(seed + length)
+        reset_peak_memory()
+        in_use = memory_in_use_mib()
+        begin, correct, rows = time.perf_counter(), {}, []
+        for depth in depths:
+            hits = 0
+            for _ in range(samples):
+                sample = passkey_sample(tokenizer, length, depth, rng)
+                prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
+                answer = tokenizer.decode(continuation(prompt, KEY_TOKENS), skip_special_tokens=True).strip()
+                hit = answer.startswith(sample.passkey)
+                hits += hit
+                rows.append({"length": length, "depth": depth, "passkey": sample.passkey, "output": answer,
+                             "correct": hit})
+            correct[depth] = hits / samples
+        seconds = time.perf_counter() - begin
+        peak = peak_memory_mib()
+        result = LengthResult(length, correct, length * len(depths) * samples / seconds, seconds, peak,
+                              peak - in_use, samples=rows)
+        progress(f"  {length:>9,} tokens: accuracy {result.accuracy:6.1%}, {result.tokens_per_s:>8,.0f} tok/s, "
+                 f"peak {result.peak_mem_mib:,.0f} MiB (+{result.peak_growth_mib:,.0f} MiB while running)")
+        results.append(result)
+    return results
