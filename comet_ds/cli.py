@@ -12,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 
+from comet_ds.argtypes import depths, token_count, token_counts
+
 DESCRIPTION = """\
 comet_ds turns a pretrained Hugging Face decoder (Llama, Qwen2/Qwen3, Mistral-style) into a CoMeT
 memory model that reads arbitrarily long inputs chunk by chunk with constant memory.
@@ -98,7 +100,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_comet(args.model, base_model=args.base)
-    depths = _depth_list(args.depths)
+    depths = args.depths
     print(f"CoMeT passkey: {len(args.lengths)} lengths x {len(depths)} depths x {args.samples} sample(s)")
     comet = evaluate_passkey(comet_continuation(model), tokenizer, args.lengths, depths, args.samples, args.seed)
     baseline = None
@@ -137,13 +139,6 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     tracker.close()
     print(f"exact match {result['exact_match']:.1%}, token F1 {result['f1']:.1%} over {result['scored']} "
           f"question(s) ({result['skipped']} row(s) without an answer skipped); {out / 'qa.json'}")
-
-
-def _depth_list(text: str) -> list[float]:
-    if "," not in text and "." not in text:
-        count = int(text)
-        return [0.5] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
-    return [float(x) for x in text.split(",")]
 
 
 def cmd_bench_forward(args: argparse.Namespace) -> None:
@@ -356,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="CoMeT model directory")
     p.add_argument("--base", help="base model directory, if it moved since training")
-    p.add_argument("--lengths", default="1k,4k,16k", type=lambda s: [_length(x) for x in s.split(",")],
+    p.add_argument("--lengths", default="1k,4k,16k", type=token_counts,
                    help="comma-separated context lengths (default: 1k,4k,16k)")
-    p.add_argument("--depths", default="5", help="a number of evenly spaced depths, or fractions (default: 5)")
+    p.add_argument("--depths", default="5", type=depths,
+                   help="a number of evenly spaced depths, or fractions like 0.1,0.5 (default: 5)")
     p.add_argument("--samples", type=int, default=1, help="samples per (length, depth) (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", choices=["none", "full-attention"], default="none")
@@ -387,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "fresh process per length, and report peak RSS and tokens/s.\n\n"
                                      "example: comet-ds bench forward --lengths 4k,32k,256k",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="4k,32k,256k", type=lambda s: [_length(x) for x in s.split(",")],
+    p.add_argument("--lengths", default="4k,32k,256k", type=token_counts,
                    help="comma-separated sequence lengths (default: 4k,32k,256k)")
     p.add_argument("--base", help="base model directory (default: a tiny base built in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
@@ -401,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "stage for long training sequences with a fixed BPTT window.\n\n"
                                      "example: comet-ds bench pipeline --memory-lengths 32k,1m",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=_length, default=16384, help="sequence for the throughput runs (default: 16k)")
-    p.add_argument("--memory-lengths", default="32k,1m", type=lambda s: [_length(x) for x in s.split(",")],
+    p.add_argument("--tokens", type=token_count, default=16384, help="sequence for the throughput runs (default: 16k)")
+    p.add_argument("--memory-lengths", default="32k,1m", type=token_counts,
                    help="training sequence lengths for the memory runs (default: 32k,1m)")
     p.add_argument("--bptt-window", type=int, default=8, help="BPTT window of the memory runs (default: 8)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per throughput run (default: 2)")
@@ -427,15 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch threads outside training (default: 2)")
     p.set_defaults(func=cmd_demo)
     return parser
-
-
-def _length(text: str) -> int:
-    from comet_ds.config import CometConfigError, parse_token_count
-
-    try:
-        return parse_token_count(text)
-    except CometConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> None:

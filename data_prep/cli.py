@@ -5,31 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from comet_ds.argtypes import depths, token_counts
+
 DESCRIPTION = """\
 Turn raw material into long-context training and evaluation sets (datasets Arrow format, with a
 manifest.json beside the data).
 
   comet-prep passkey --tokenizer runs/base --lengths 2k,8k --depths 5 --output runs/passkey
 """
-
-
-def _lengths(text: str) -> list[int]:
-    from comet_ds.config import CometConfigError, parse_token_count
-
-    try:
-        return [parse_token_count(x) for x in text.split(",")]
-    except CometConfigError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _depths(text: str) -> list[float]:
-    """Either a count (5 → 0, .25, .5, .75, 1) or an explicit comma-separated list of fractions."""
-    if "," not in text and "." not in text:
-        count = int(text)
-        if count < 1:
-            raise argparse.ArgumentTypeError("the number of depths must be >= 1")
-        return [0.5] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
-    return [float(x) for x in text.split(",")]
 
 
 def cmd_passkey(args: argparse.Namespace) -> None:
@@ -59,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--tokenizer runs/base --lengths 2k,8k --depths 5 --output runs/passkey",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
-    p.add_argument("--lengths", type=_lengths, default=[2048], help="tokens per sample, e.g. 2k,8k (default: 2k)")
-    p.add_argument("--depths", type=_depths, default=[0.5],
+    p.add_argument("--lengths", type=token_counts, default=[2048], help="tokens per sample, e.g. 2k,8k (default: 2k)")
+    p.add_argument("--depths", type=depths, default=[0.5],
                    help="a count of evenly spaced depths, or fractions like 0.1,0.5 (default: 0.5)")
     p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
     p.add_argument("--seed", type=int, default=0)

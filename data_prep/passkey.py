@@ -61,3 +61,16 @@ def passkey_samples(tokenizer: PreTrainedTokenizerBase, lengths: list[int], dept
         for depth in depths:
             for _ in range(per_cell):
                 yield passkey_sample(tokenizer, length, depth, rng)
+
+
+def parse_depths(text: str) -> list[float]:
+    """Depths as a count of evenly spaced ones ("5" → 0, .25, .5, .75, 1) or fractions ("0.1,0.5")."""
+    if "," not in text and "." not in text:
+        count = int(text)
+        if count < 1:
+            raise ValueError("the number of depths must be >= 1")
+        return [0.5] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
+    depths = [float(x) for x in text.split(",")]
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be within [0, 1] (got {text})")
+    return depths
