@@ -32,6 +32,58 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     print(f"wrote {manifest['samples']} passkey samples ({manifest['tokens']['total']:,} tokens) to {args.output}")
 
 
+def cmd_agent_logs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from data_prep.agent_logs import Rejection, read_trajectories
+    from data_prep.agent_samples import pick_questions, qa_sample, render, sft_sample
+    from data_prep.output import file_sha256, write_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    rows, rejects, read, too_long = [], [], 0, 0
+    progress = tqdm(unit=" records", disable=args.quiet)
+    for path in map(Path, args.inputs):
+        if not path.is_file():
+            raise SystemExit(f"comet-prep agent-logs: input {path} does not exist")
+        for line, item in read_trajectories(path, args.format):
+            read += 1
+            progress.update(1)
+            if isinstance(item, Rejection):
+                rejects.append({"file": str(path), "line": line, "reason": str(item)})
+                continue
+            samples = []
+            if "sft" in args.kinds:
+                samples.append(("agent-logs:sft", f"{item.trajectory_id}/sft", *sft_sample(tokenizer, item), "", ""))
+            if "qa" in args.kinds:
+                context = render(item)
+                for k, q in enumerate(pick_questions(item, args.questions_per_log, args.seed)):
+                    samples.append((f"agent-logs:qa:{q.kind}", f"{item.trajectory_id}/qa{k}",
+                                    *qa_sample(tokenizer, context, q), q.question, q.answer))
+            for source, sample_id, ids, labels, question, answer in samples:
+                if args.max_tokens and len(ids) > args.max_tokens:
+                    too_long += 1
+                    continue
+                rows.append({"input_ids": ids, "labels": labels, "source": source, "sample_id": sample_id,
+                             "text": tokenizer.decode(ids), "question": question, "answer": answer})
+    progress.close()
+    summary = (f"read {read} records = {read - len(rejects)} used + {len(rejects)} rejected; wrote {len(rows)} "
+               f"samples" + (f" ({too_long} longer than --max-tokens left out)" if too_long else ""))
+    if args.strict and rejects:
+        first = rejects[0]
+        raise SystemExit(f"comet-prep agent-logs: --strict: {len(rejects)} record(s) rejected, first at "
+                         f"{first['file']}:{first['line']}: {first['reason']}")
+    if not rows:
+        raise SystemExit(f"comet-prep agent-logs: no usable record ({summary})")
+    write_dataset(rows, args.output, args.tokenizer, {
+        "source": "agent-logs", "records_read": read, "records_rejected": len(rejects),
+        "samples_too_long": too_long, "kinds": args.kinds, "seed": args.seed,
+        "inputs": {str(p): file_sha256(p) for p in args.inputs}}, rejects=rejects)
+    print(f"{summary} to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comet-prep", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
     p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser("agent-logs", help="agent trajectories (OpenAI, ShareGPT, CoMeT chat JSONL) → SFT and QA",
+                       description="Read agent trajectories from JSONL files (OpenAI chat with tool_calls, "
+                                   "ShareGPT conversations, or CoMeT uniq_id/messages; detected per file) and "
+                                   "write supervised samples (assistant turns trained) and long-context QA "
+                                   "samples whose answers are computed from the log. Malformed records go to "
+                                   "rejects.jsonl with file, line and reason.\n\nexample: comet-prep agent-logs "
+                                   "runs.jsonl --tokenizer runs/base --output runs/agent_data",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="JSONL files")
+    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    p.add_argument("--format", choices=["auto", "openai", "sharegpt", "comet"], default="auto")
+    p.add_argument("--kinds", type=lambda s: s.split(","), default=["sft", "qa"], help="sft,qa (default: both)")
+    p.add_argument("--questions-per-log", type=int, default=4, help="QA samples per trajectory (default: 4)")
+    p.add_argument("--max-tokens", type=int, help="leave out samples longer than this (counted in the summary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true", help="fail if any record is rejected")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
+    p.set_defaults(func=cmd_agent_logs)
     return parser
 
 

@@ -26,9 +26,18 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_dataset(rows: Iterable[dict[str, Any]], output: str | Path, tokenizer_dir: str | Path,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save rows (each with input_ids, labels, source, sample_id, text) atomically; return the manifest."""
+                  extra: dict[str, Any] | None = None, rejects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Save rows (each with input_ids, labels, source, sample_id, text) atomically, with the manifest
+    and, when given, rejects.jsonl (one line per rejected input record); return the manifest."""
     rows = list(rows)
     if not rows:
         raise ValueError("no samples to write")
@@ -46,4 +55,7 @@ def write_dataset(rows: Iterable[dict[str, Any]], output: str | Path, tokenizer_
     with atomic_directory(output) as scratch:
         Dataset.from_list(rows).save_to_disk(str(scratch / "data"))
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if rejects is not None:
+            (scratch / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                           for r in rejects))
     return manifest

@@ -1,0 +1,136 @@
+"""Training samples from agent trajectories: supervised assistant turns, and long-context QA whose
+answers are computed from the trajectory itself."""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from data_prep.agent_logs import Step, ToolCall, Trajectory
+
+IGNORE_INDEX = -100
+QA_KINDS = ("tool_at_step", "tool_argument", "tool_result", "call_count", "failed_calls", "final_answer")
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    question: str
+    answer: str
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def is_failure(result: str) -> bool:
+    """A tool result that reports an error: {"error": <non-empty>} or text opening with an error word."""
+    try:
+        parsed = json.loads(result)
+        if isinstance(parsed, dict) and parsed.get("error"):
+            return True
+    except (json.JSONDecodeError, TypeError):
+        pass
+    return result.strip().lower().startswith(("error", "traceback", "exception", "failed"))
+
+
+def _call_text(call: ToolCall) -> str:
+    return f"{call.name}({json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)})"
+
+
+def render_step(number: int, step: Step) -> str:
+    lines = []
+    if step.role == "tool":
+        lines.append(f"[step {number}] {step.tool_name} returned: {step.content}")
+    elif step.content or not step.tool_calls:
+        lines.append(f"[step {number}] {step.role}: {step.content}")
+    lines += [f"[step {number}] assistant calls {_call_text(call)}" for call in step.tool_calls]
+    return "\n".join(lines)
+
+
+def render(trajectory: Trajectory) -> str:
+    """The whole trajectory as a readable log, one event per line, numbered by step."""
+    return "\n".join(render_step(i, step) for i, step in enumerate(trajectory.steps, 1)) + "\n"
+
+
+def questions(trajectory: Trajectory) -> list[Question]:
+    """Every question this trajectory can answer, with its answer computed from the steps."""
+    calls = [call for step in trajectory.steps for call in step.tool_calls]
+    results = {step.tool_call_id: step.content for step in trajectory.steps if step.role == "tool"}
+    out = [Question("tool_at_step", f"Which tool did the agent use in its {ordinal(k)} tool call?", call.name)
+           for k, call in enumerate(calls, 1)]
+    seen: Counter[str] = Counter()
+    for call in calls:
+        seen[call.name] += 1
+        n = seen[call.name]
+        for argument, value in sorted(call.arguments.items()):
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            out.append(Question("tool_argument", f"In the {ordinal(n)} call of {call.name}, what was "
+                                f"{argument}?", text))
+        result = results.get(call.call_id, "")
+        if result.strip():
+            out.append(Question("tool_result", f"What did the {ordinal(n)} call of {call.name} return? "
+                                "Give its first line.", result.strip().splitlines()[0]))
+    for name, count in sorted(seen.items()):
+        out.append(Question("call_count", f"How many times did the agent call {name}?", str(count)))
+    if calls:
+        failed = sum(is_failure(content) for content in results.values())
+        out.append(Question("failed_calls", "How many tool calls failed?", str(failed)))
+    final = next((s.content for s in reversed(trajectory.steps) if s.role == "assistant" and s.content.strip()
+                  and not s.tool_calls), None)
+    if final:
+        out.append(Question("final_answer", "What was the agent's final answer?", final.strip()))
+    return out
+
+
+def pick_questions(trajectory: Trajectory, per_log: int, seed: int) -> list[Question]:
+    """Up to `per_log` questions, spread over the kinds, the same for the same trajectory and seed."""
+    rng = random.Random(seed * 1_000_003 + zlib.crc32(trajectory.trajectory_id.encode()))
+    by_kind: dict[str, list[Question]] = {}
+    for q in questions(trajectory):
+        by_kind.setdefault(q.kind, []).append(q)
+    for pool in by_kind.values():
+        rng.shuffle(pool)
+    picked: list[Question] = []
+    while len(picked) < per_log and any(by_kind.values()):
+        for kind in QA_KINDS:
+            if by_kind.get(kind) and len(picked) < per_log:
+                picked.append(by_kind[kind].pop())
+    return picked
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def qa_sample(tokenizer: PreTrainedTokenizerBase, context: str, question: Question) -> tuple[list[int], list[int]]:
+    """Context, question and answer; only the answer's tokens are trained."""
+    prompt = _encode(tokenizer, f"{context}\nQuestion: {question.question}\nAnswer:")
+    answer = _encode(tokenizer, f" {question.answer}")
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def sft_sample(tokenizer: PreTrainedTokenizerBase, trajectory: Trajectory) -> tuple[list[int], list[int]]:
+    """The trajectory as a transcript in which the assistant's words and tool calls are trained."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for number, step in enumerate(trajectory.steps, 1):
+        if step.role != "assistant":
+            piece = _encode(tokenizer, render_step(number, step) + "\n")
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+            continue
+        parts = ([(":", step.content)] if step.content or not step.tool_calls else []) + \
+                [("", f"calls {_call_text(call)}") for call in step.tool_calls]
+        for separator, text in parts:  # the same lines as render_step, the assistant's words trained
+            head = _encode(tokenizer, f"[step {number}] assistant{separator}")
+            body = _encode(tokenizer, f" {text}\n")
+            ids += head + body
+            labels += [IGNORE_INDEX] * len(head) + body
+    return ids, labels
