@@ -4,24 +4,12 @@ answers are computed from the trajectory itself."""
 from __future__ import annotations
 
 import json
-import random
-import zlib
 from collections import Counter
-from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from data_prep.agent_logs import Step, ToolCall, Trajectory
-
-IGNORE_INDEX = -100
-QA_KINDS = ("tool_at_step", "tool_argument", "tool_result", "call_count", "failed_calls", "final_answer")
-
-
-@dataclass(frozen=True)
-class Question:
-    kind: str
-    question: str
-    answer: str
+from data_prep.qa import IGNORE_INDEX, Question, encode
 
 
 def ordinal(n: int) -> str:
@@ -89,48 +77,21 @@ def questions(trajectory: Trajectory) -> list[Question]:
     return out
 
 
-def pick_questions(trajectory: Trajectory, per_log: int, seed: int) -> list[Question]:
-    """Up to `per_log` questions, spread over the kinds, the same for the same trajectory and seed."""
-    rng = random.Random(seed * 1_000_003 + zlib.crc32(trajectory.trajectory_id.encode()))
-    by_kind: dict[str, list[Question]] = {}
-    for q in questions(trajectory):
-        by_kind.setdefault(q.kind, []).append(q)
-    for pool in by_kind.values():
-        rng.shuffle(pool)
-    picked: list[Question] = []
-    while len(picked) < per_log and any(by_kind.values()):
-        for kind in QA_KINDS:
-            if by_kind.get(kind) and len(picked) < per_log:
-                picked.append(by_kind[kind].pop())
-    return picked
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def qa_sample(tokenizer: PreTrainedTokenizerBase, context: str, question: Question) -> tuple[list[int], list[int]]:
-    """Context, question and answer; only the answer's tokens are trained."""
-    prompt = _encode(tokenizer, f"{context}\nQuestion: {question.question}\nAnswer:")
-    answer = _encode(tokenizer, f" {question.answer}")
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-
-
 def sft_sample(tokenizer: PreTrainedTokenizerBase, trajectory: Trajectory) -> tuple[list[int], list[int]]:
     """The trajectory as a transcript in which the assistant's words and tool calls are trained."""
     ids: list[int] = []
     labels: list[int] = []
     for number, step in enumerate(trajectory.steps, 1):
         if step.role != "assistant":
-            piece = _encode(tokenizer, render_step(number, step) + "\n")
+            piece = encode(tokenizer, render_step(number, step) + "\n")
             ids += piece
             labels += [IGNORE_INDEX] * len(piece)
             continue
         parts = ([(":", step.content)] if step.content or not step.tool_calls else []) + \
                 [("", f"calls {_call_text(call)}") for call in step.tool_calls]
         for separator, text in parts:  # the same lines as render_step, the assistant's words trained
-            head = _encode(tokenizer, f"[step {number}] assistant{separator}")
-            body = _encode(tokenizer, f" {text}\n")
+            head = encode(tokenizer, f"[step {number}] assistant{separator}")
+            body = encode(tokenizer, f" {text}\n")
             ids += head + body
             labels += [IGNORE_INDEX] * len(head) + body
     return ids, labels

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from data_prep.cli import main
+from data_prep.user_behavior import Event, format_time, questions, read_events
+
+# user 1: views and carts item 10, buys it later; carts item 11, never buys it. user 2: one view.
+ROWS = [
+    ("1", "10", "100", "pv", 1511544070),
+    ("1", "10", "100", "cart", 1511544100),
+    ("2", "30", "300", "pv", 1511550000),
+    ("1", "11", "100", "cart", 1511544200),
+    ("1", "12", "200", "pv", 1511544300),
+    ("1", "10", "100", "buy", 1511544400),
+]
+
+
+def csv_text(rows, header=False, sep=","):
+    lines = [sep.join(("user_id", "item_id", "category_id", "behavior_type", "timestamp"))] if header else []
+    return "\n".join(sep.join(map(str, r)) for r in rows) if not lines else \
+        "\n".join(lines + [sep.join(map(str, r)) for r in rows])
+
+
+@pytest.mark.parametrize("variant", ["csv", "csv-header", "tsv", "jsonl"])
+def test_every_layout_reads_the_same_events(tmp_path, variant):
+    path = tmp_path / "events.txt"
+    if variant == "jsonl":
+        keys = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
+        path.write_text("".join(json.dumps(dict(zip(keys, r))) + "\n" for r in ROWS))
+    else:
+        path.write_text(csv_text(ROWS, header=variant == "csv-header", sep="\t" if variant == "tsv" else ",") + "\n")
+    events = [item for _, item in read_events(path, {})]
+    assert events[0] == ("1", Event(1511544070, "10", "100", "pv")) and len(events) == 6
+
+
+def test_a_column_mapping_reads_other_layouts(tmp_path):
+    path = tmp_path / "retail.csv"
+    path.write_text("timestamp,visitorid,event,itemid,cat\n1433221332117,257597,view,355908,7\n")
+    ((_, (user, event)),) = list(read_events(path, {"user_id": "visitorid", "behavior_type": "event",
+                                                     "item_id": "itemid", "category_id": "cat"}))
+    assert user == "257597" and event == Event(1433221332, "355908", "7", "view")  # milliseconds → seconds
+
+
+def test_questions_answer_from_the_history():
+    events = sorted(Event(ts, item, cat, b) for user, item, cat, b, ts in ROWS if user == "1")
+    qa = {q.question: q.answer for q in questions(events)}
+    assert qa["Which item did the user buy last?"] == "10"
+    assert qa["How many times did the user perform 'added to cart' on items of category 100?"] == "2"
+    assert qa["Which category did the user interact with most often?"] == "100"
+    assert qa["Did the user buy item 10 after adding it to the cart?"] == "yes"
+    assert qa["Did the user buy item 11 after adding it to the cart?"] == "no"
+    assert qa["When was the user's first activity?"] == format_time(1511544070) == "2017-11-24 17:21:10"
+    assert qa["When was the user's last activity?"] == "2017-11-24 17:26:40"
+
+
+def test_cli_spills_rejects_and_is_deterministic(base_dirs, tmp_path, capsys):
+    path = tmp_path / "UserBehavior.csv"
+    damaged = [b"1,10,100,pv,yesterday", b"1,10,100", b"3,1,1,pv,caf\xe9", b""]
+    path.write_bytes((csv_text(ROWS) + "\n").encode() + b"\n".join(damaged))
+    outputs = []
+    for name, bucket_mb in (("one", "256"), ("many", "0.00001")):  # one bucket vs one per byte-ish: same data
+        main(["user-behavior", str(path), "--tokenizer", base_dirs["llama"], "--output", str(tmp_path / name),
+              "--bucket-mb", bucket_mb, "--questions-per-user", "2", "--quiet"])
+        outputs.append(load_from_disk(str(tmp_path / name / "data")).to_dict())
+    assert outputs[0] == outputs[1]
+    assert "read 9 events = 6 used + 3 rejected; wrote 4 samples" in capsys.readouterr().out
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "one" / "rejects.jsonl").read_text().splitlines()]
+    assert reasons == ["bad timestamp 'yesterday'", "3 fields, expected 5", "not UTF-8"]
+    manifest = json.loads((tmp_path / "many" / "manifest.json").read_text())
+    assert manifest["spill_buckets"] > 1 and manifest["events_read"] == 9
+    rows = load_from_disk(str(tmp_path / "one" / "data"))
+    assert all(r["text"].startswith("Activity log of user") for r in rows)
+    assert {r["sample_id"].split("/")[0] for r in rows} == {"1", "2"}
