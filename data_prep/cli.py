@@ -13,6 +13,9 @@ Turn raw material into long-context training and evaluation sets (datasets Arrow
 manifest.json beside the data).
 
   comet-prep passkey --tokenizer runs/base --lengths 2k,8k --depths 5 --output runs/passkey
+  comet-prep needle --tokenizer runs/base --lengths 2k,8k --depths 5 --output runs/needle
+  comet-prep agent-logs trajectories.jsonl --tokenizer runs/base --output runs/agent
+  comet-prep user-behavior UserBehavior.csv --tokenizer runs/base --output runs/users
 """
 
 
@@ -23,14 +26,16 @@ def cmd_passkey(args: argparse.Namespace) -> None:
     from data_prep.passkey import passkey_samples
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    samples = passkey_samples(tokenizer, args.lengths, args.depths, args.samples_per_cell, args.seed)
-    rows = ({"input_ids": s.input_ids, "labels": s.labels, "source": "passkey", "sample_id": f"passkey-{i}",
+    samples = passkey_samples(tokenizer, args.lengths, args.depths, args.samples_per_cell, args.seed, args.command)
+    rows = ({"input_ids": s.input_ids, "labels": s.labels, "source": args.command,
+             "sample_id": f"{args.command}-{i}",
              "text": s.text, "answer": s.passkey, "depth": s.depth, "length": len(s.input_ids)}
             for i, s in enumerate(samples))
     manifest = write_dataset(rows, args.output, args.tokenizer,
-                             {"source": "passkey", "lengths": args.lengths, "depths": args.depths,
+                             {"source": args.command, "lengths": args.lengths, "depths": args.depths,
                               "seed": args.seed})
-    print(f"wrote {manifest['samples']} passkey samples ({manifest['tokens']['total']:,} tokens) to {args.output}")
+    print(f"wrote {manifest['samples']} {args.command} samples ({manifest['tokens']['total']:,} tokens) "
+          f"to {args.output}")
 
 
 def cmd_agent_logs(args: argparse.Namespace) -> None:
@@ -143,19 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="comet-prep", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    p = sub.add_parser("passkey", help="synthetic passkey-retrieval samples at given lengths and depths",
-                       description="Filler text with one 5-digit pass key hidden at each depth, then the question; "
-                                   "only the answer digits are trained.\n\nexample: comet-prep passkey "
-                                   "--tokenizer runs/base --lengths 2k,8k --depths 5 --output runs/passkey",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
-    p.add_argument("--lengths", type=token_counts, default=[2048], help="tokens per sample, e.g. 2k,8k (default: 2k)")
-    p.add_argument("--depths", type=depths, default=[0.5],
-                   help="a count of evenly spaced depths, or fractions like 0.1,0.5 (default: 0.5)")
-    p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
-    p.set_defaults(func=cmd_passkey)
+    for name, what in (("passkey", "a 5-digit pass key (the LongLoRA protocol)"),
+                       ("needle", "a 7-digit magic number for a named key (RULER-style single needle)")):
+        p = sub.add_parser(name, help=f"synthetic retrieval samples: {what}",
+                           description=f"Filler text with {what} hidden at each depth, then the question; only "
+                                       f"the answer is trained.\n\nexample: comet-prep {name} --tokenizer runs/base "
+                                       f"--lengths 2k,8k --depths 5 --output runs/{name}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+        p.add_argument("--lengths", type=token_counts, default=[2048], help="tokens per sample, e.g. 2k,8k "
+                                                                            "(default: 2k)")
+        p.add_argument("--depths", type=depths, default=[0.5],
+                       help="a count of evenly spaced depths, or fractions like 0.1,0.5 (default: 0.5)")
+        p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
+        p.set_defaults(func=cmd_passkey)
 
     p = sub.add_parser("agent-logs", help="agent trajectories (OpenAI, ShareGPT, CoMeT chat JSONL) → SFT and QA",
                        description="Read agent trajectories from JSONL files (OpenAI chat with tool_calls, "

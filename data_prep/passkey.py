@@ -1,8 +1,9 @@
-"""Synthetic passkey-retrieval samples (the LongLoRA protocol), built offline at exact token lengths.
+"""Synthetic retrieval samples built offline at exact token lengths: the LongLoRA passkey protocol and
+a RULER-style needle (a magic number for a named key among filler essays).
 
-A sample is an instruction, repeated filler sentences with one passkey line at a chosen depth, and a
-question whose answer (the key's digits) is the only trained span. Pieces are tokenised separately
-and concatenated, so lengths and the answer position are exact.
+A sample is an instruction, repeated filler with one fact at a chosen depth, and a question whose
+answer is the only trained span. Pieces are tokenised separately and concatenated, so lengths and
+the answer position are exact.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant tex
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
+NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure to memorize "
+                      "them. I will quiz you about the numbers afterwards.")
+NEEDLE_FILLER = ("The city library opens early on weekdays. Rivers carry sand to the sea over many years. "
+                 "A good map shows roads, rivers and the names of small towns.")
+NEEDLE_FACT = "One of the special magic numbers for {word} is: {key}."
+NEEDLE_QUESTION = "What is the special magic number for {word} mentioned in the provided text? The number is"
+NEEDLE_WORDS = ("amber", "falcon", "harbor", "lantern", "meadow", "orchid", "quartz", "summit", "thistle", "willow")
 
 
 @dataclass(frozen=True)
@@ -30,37 +38,54 @@ class PasskeySample:
     depth: float
 
 
-def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
-                   rng: random.Random) -> PasskeySample:
-    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end)."""
+def _hidden_fact(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, instruction: str, filler: str,
+                 fact: str, question: str, answer: str, kind: str) -> tuple[list[int], list[int]]:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1] (got {depth})")
-    key = str(rng.randint(10000, 99999))
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    head, filler, needle = encode(INSTRUCTION), encode(" " + FILLER), encode(" " + NEEDLE.format(key=key))
-    question, answer = encode(" " + QUESTION), encode(" " + key)
-    budget = length - len(head) - len(needle) - len(question) - len(answer)
+    head, filler_ids, fact_ids = encode(instruction), encode(" " + filler), encode(" " + fact)
+    question_ids, answer_ids = encode(" " + question), encode(" " + answer)
+    budget = length - len(head) - len(fact_ids) - len(question_ids) - len(answer_ids)
     if budget < 0:
-        raise ValueError(f"length {length} is too short for a passkey sample "
+        raise ValueError(f"length {length} is too short for a {kind} sample "
                          f"(needs at least {length - budget} tokens with this tokenizer)")
-    haystack = (filler * (budget // len(filler) + 1))[:budget]
+    haystack = (filler_ids * (budget // len(filler_ids) + 1))[:budget]
     cut = round(depth * budget)
-    ids = head + haystack[:cut] + needle + haystack[cut:] + question + answer
-    labels = [IGNORE_INDEX] * (len(ids) - len(answer)) + answer
+    ids = head + haystack[:cut] + fact_ids + haystack[cut:] + question_ids + answer_ids
+    return ids, [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
+
+
+def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
+                   rng: random.Random) -> PasskeySample:
+    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end)."""
+    key = str(rng.randint(10000, 99999))
+    ids, labels = _hidden_fact(tokenizer, length, depth, INSTRUCTION, FILLER, NEEDLE.format(key=key), QUESTION, key,
+                               "passkey")
+    return PasskeySample(ids, labels, tokenizer.decode(ids), key, depth)
+
+
+def needle_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
+                  rng: random.Random) -> PasskeySample:
+    """RULER-style single needle: a 7-digit magic number for a named key, asked back by that name."""
+    word, key = rng.choice(NEEDLE_WORDS), str(rng.randint(1_000_000, 9_999_999))
+    ids, labels = _hidden_fact(tokenizer, length, depth, NEEDLE_INSTRUCTION, NEEDLE_FILLER,
+                               NEEDLE_FACT.format(word=word, key=key), NEEDLE_QUESTION.format(word=word), key,
+                               "needle")
     return PasskeySample(ids, labels, tokenizer.decode(ids), key, depth)
 
 
 def passkey_samples(tokenizer: PreTrainedTokenizerBase, lengths: list[int], depths: list[float],
-                    per_cell: int, seed: int) -> Iterator[PasskeySample]:
+                    per_cell: int, seed: int, kind: str = "passkey") -> Iterator[PasskeySample]:
     """`per_cell` samples for every (length, depth), reproducible from the seed."""
+    make = {"passkey": passkey_sample, "needle": needle_sample}[kind]
     rng = random.Random(seed)
     for length in lengths:
         for depth in depths:
             for _ in range(per_cell):
-                yield passkey_sample(tokenizer, length, depth, rng)
+                yield make(tokenizer, length, depth, rng)
 
 
 def parse_depths(text: str) -> list[float]:

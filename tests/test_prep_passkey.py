@@ -40,3 +40,16 @@ def test_too_short_is_one_clear_line(base_dirs, tmp_path, capsys):
         main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "20", "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "too short for a passkey sample" in capsys.readouterr().err
+
+
+def test_needle_samples_ask_for_the_named_number(base_dirs, tmp_path, capsys):
+    main(["needle", "--tokenizer", base_dirs["llama"], "--lengths", "400", "--depths", "0.2,0.8",
+          "--seed", "1", "--output", str(tmp_path / "needle")])
+    assert "wrote 2 needle samples" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(base_dirs["llama"])
+    for row in load_from_disk(str(tmp_path / "needle" / "data")):
+        assert len(row["input_ids"]) == 400 and len(row["answer"]) == 7
+        word = row["text"].split("special magic number for ")[-1].split(" mentioned")[0]
+        assert f"One of the special magic numbers for {word} is: {row['answer']}." in row["text"]
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        assert tokenizer.decode(trained).strip() == row["answer"]
