@@ -12,7 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
-from comet_ds.argtypes import depths, token_count, token_counts
+from comet_ds.argtypes import depths, device, dtype, token_count, token_counts
 
 DESCRIPTION = """\
 comet_ds turns a pretrained Hugging Face decoder (Llama, Qwen2/Qwen3, Mistral-style) into a CoMeT
@@ -52,9 +52,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     main_from_args(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume)
 
 
+def _load_for_inference(args: argparse.Namespace):
+    """The CoMeT model named by --model/--base on --device in --dtype, and its tokenizer."""
+    from comet_ds.modeling.pretrained import load_comet
+
+    model, tokenizer, _ = load_comet(args.model, base_model=args.base, dtype=args.dtype)
+    return model.to(args.device).eval(), tokenizer
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="CoMeT model directory")
+    p.add_argument("--base", help="base model directory, if it moved since training")
+    p.add_argument("--device", type=device, default="auto",
+                   help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", type=dtype, default="fp32", help="fp32 (default), bf16 or fp16")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
-    from comet_ds.modeling.pretrained import load_comet
 
     prompts = [{"prompt": text} for text in args.prompt or []]
     if args.prompts:
@@ -68,7 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                      'with a "prompt" field') from None
     if not prompts:
         raise SystemExit("comet-ds generate: give --prompt TEXT or --prompts FILE.jsonl")
-    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    model, tokenizer = _load_for_inference(args)
     stops = () if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -96,10 +111,10 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     )
     from comet_ds.eval.report import write_passkey_report
     from comet_ds.modeling.backbone import load_backbone
-    from comet_ds.modeling.pretrained import load_comet, read_meta
+    from comet_ds.modeling.pretrained import read_meta
 
     torch.set_num_threads(args.threads)
-    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    model, tokenizer = _load_for_inference(args)
     depths = args.depths
     print(f"CoMeT passkey: {len(args.lengths)} lengths x {len(depths)} depths x {args.samples} sample(s)")
     comet = evaluate_passkey(comet_continuation(model), tokenizer, args.lengths, depths, args.samples, args.seed)
@@ -107,7 +122,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     if args.baseline == "full-attention":
         base_dir = args.base or read_meta(args.model)["base_model"] or args.model
         del model
-        base = load_backbone(base_dir).eval()
+        base = load_backbone(base_dir, args.dtype).to(args.device).eval()
         print(f"full-attention baseline ({base_dir}):")
         baseline = evaluate_passkey(full_attention_continuation(base), tokenizer, args.lengths, depths,
                                     args.samples, args.seed,
@@ -122,11 +137,10 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 def cmd_eval_qa(args: argparse.Namespace) -> None:
     from comet_ds.eval.passkey import comet_continuation
     from comet_ds.eval.qa import evaluate_qa
-    from comet_ds.modeling.pretrained import load_comet
     from comet_ds.train.data import load_training_dataset
     from comet_ds.train.tracking import Tracker
 
-    model, tokenizer, _ = load_comet(args.model, base_model=args.base)
+    model, tokenizer = _load_for_inference(args)
     result = evaluate_qa(comet_continuation(model), tokenizer, load_training_dataset(args.data),
                          args.max_new_tokens, args.limit)
     out = Path(args.out)
@@ -325,8 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  comet-ds generate --model DIR --prompts prompts.jsonl --output out.jsonl "
                                    "--sample --top-p 0.9",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="CoMeT model directory")
-    p.add_argument("--base", help="base model directory, if it moved since training")
+    _add_model_arguments(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help='JSONL file, one {"prompt": ...} object per line (other fields are kept)')
     p.add_argument("--output", help="write JSONL results here instead of printing completions")
@@ -349,8 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "example: comet-ds eval passkey --model runs/demo/train/adapter "
                                      "--lengths 1k,4k,32k --depths 5 --baseline full-attention --out runs/eval",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="CoMeT model directory")
-    p.add_argument("--base", help="base model directory, if it moved since training")
+    _add_model_arguments(p)
     p.add_argument("--lengths", default="1k,4k,16k", type=token_counts,
                    help="comma-separated context lengths (default: 1k,4k,16k)")
     p.add_argument("--depths", default="5", type=depths,
@@ -368,8 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "score the continuation against the answer.\n\n"
                                      "example: comet-ds eval qa --model DIR --data runs/agent_qa --out runs/eval_qa",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="CoMeT model directory")
-    p.add_argument("--base", help="base model directory, if it moved since training")
+    _add_model_arguments(p)
     p.add_argument("--data", required=True, help="a comet-prep output directory")
     p.add_argument("--max-new-tokens", type=int, help="default: the answer's length + 4")
     p.add_argument("--limit", type=int, help="score at most this many questions")

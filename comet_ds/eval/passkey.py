@@ -51,7 +51,7 @@ def full_attention_continuation(model: PreTrainedModel) -> Callable[[list[int], 
 
     @torch.inference_mode()
     def continuation(prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                              pad_token_id=model.config.pad_token_id or 0)
         return out[0, len(prompt):].tolist()

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from comet_ds.layout import IGNORE_INDEX, ChunkIndices, ChunkLayout, fifo_keep
+from comet_ds.modeling.backbone import cache_keyword
 from comet_ds.modeling.memory import MemoryState
 from comet_ds.modeling.model import CometForCausalLM
 
@@ -70,6 +71,8 @@ class StreamingGenerator:
         self.model = model.eval()
         self.config = model.config
         self.tokens = model.tokens
+        self.device = model.device
+        self.cache_keyword = cache_keyword(model.layers[0].decoder_layer)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> list[int]:
@@ -106,8 +109,8 @@ class StreamingGenerator:
         if index == 0:
             return chunk
         slots = [self._slot_memory(state) for state in states]
-        self._run(chunk, self.tokens.placeholder_id * torch.ones(1, slots[0].shape[1], dtype=torch.long),
-                  replace_inputs=slots)
+        placeholders = torch.full((1, slots[0].shape[1]), self.tokens.placeholder_id, device=self.device)
+        self._run(chunk, placeholders, replace_inputs=slots)
         return chunk
 
     @staticmethod
@@ -124,14 +127,15 @@ class StreamingGenerator:
             last_text = len(ids) - 1
             if self.config.temp_enabled and chunk.text % self.config.temp_stride == 0:
                 ids.append(self.tokens.temp_beacon_id)
-        hidden = self._run(chunk, torch.tensor([ids]))
-        return self.model.head.logits(self.model.head.norm(hidden[:, last_text]))[0]
+        hidden = self._run(chunk, torch.tensor([ids], device=self.device))
+        # sampling runs on the CPU, where its torch.Generator lives
+        return self.model.head.logits(self.model.head.norm(hidden[:, last_text]))[0].float().cpu()
 
     def _close(self, chunk: _Chunk, states: list[MemoryState | None]) -> list[MemoryState | None]:
         """Feed the trailing beacon and the global beacons; return every layer's updated memories."""
         cfg = self.config
         trailing = [self.tokens.temp_beacon_id] if cfg.temp_enabled and chunk.text % cfg.temp_stride else []
-        ids = torch.tensor([[*trailing, *self.tokens.global_beacon_ids]])
+        ids = torch.tensor([[*trailing, *self.tokens.global_beacon_ids]], device=self.device)
         global_outputs = self._run(chunk, ids, keep_layer_outputs=True)
         new_states = []
         nb, g = cfg.beacons_per_chunk, cfg.global_slots
@@ -139,10 +143,12 @@ class StreamingGenerator:
                                                           global_outputs):
             out = torch.cat([*temp_outputs, layer_out[:, -g:]], dim=1)  # nb temp beacons, then G global
             queue = 0 if state is None or state.temp_memory is None else state.temp_memory.shape[1]
+            none = torch.zeros(1, 0, dtype=torch.long, device=self.device)
             indices = ChunkIndices(
-                global_slots=torch.zeros(1, 0, dtype=torch.long), temp_slots=torch.zeros(1, 0, dtype=torch.long),
-                temp_beacons=torch.arange(nb)[None], global_beacons=(nb + torch.arange(g))[None],
-                temp_keep=fifo_keep(torch.ones(1, queue + nb, dtype=torch.bool), cfg.queue_capacity))
+                global_slots=none, temp_slots=none, temp_beacons=torch.arange(nb, device=self.device)[None],
+                global_beacons=(nb + torch.arange(g, device=self.device))[None],
+                temp_keep=fifo_keep(torch.ones(1, queue + nb, dtype=torch.bool, device=self.device),
+                                    cfg.queue_capacity))
             new_states.append(layer.next_state(out, indices, state))
         return new_states
 
@@ -150,11 +156,12 @@ class StreamingGenerator:
              keep_layer_outputs: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Run new tokens of the chunk through every layer with the KV cache; record beacon outputs."""
         steps = ids.shape[1]
-        positions = torch.arange(chunk.length, chunk.length + steps)[None]
+        positions = torch.arange(chunk.length, chunk.length + steps, device=self.device)[None]
         keys = chunk.length + steps
-        allowed = torch.arange(keys)[None, :] <= positions[0][:, None]
+        allowed = torch.arange(keys, device=self.device)[None, :] <= positions[0][:, None]
         dtype = self.model.embedding.new_rows.dtype
-        mask = torch.zeros(1, 1, steps, keys, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(1, 1, steps, keys, dtype=dtype, device=self.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
         hidden = self.model.embedding(ids)
         rope = self.model.rotary_emb(hidden, positions)
         is_beacon = (ids[0] == self.tokens.temp_beacon_id).nonzero()[:, 0]
@@ -163,7 +170,8 @@ class StreamingGenerator:
             if replace_inputs is not None:
                 hidden = replace_inputs[i]
             hidden = layer.decoder_layer(hidden, attention_mask=mask, position_ids=positions,
-                                         position_embeddings=rope, cache=chunk.cache, use_cache=True)
+                                         position_embeddings=rope, use_cache=True,
+                                         **{self.cache_keyword: chunk.cache})
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             if len(is_beacon) and self.config.temp_enabled:

@@ -96,6 +96,12 @@ class Chunk:
     def num_labels(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
 
+    def to(self, device: torch.device | str) -> Chunk:
+        """The same chunk with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return Chunk(self.index, self.input_ids.to(device), self.labels.to(device), self.roles.to(device))
+
 
 @dataclass(frozen=True)
 class ChunkIndices:

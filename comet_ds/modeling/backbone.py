@@ -56,6 +56,13 @@ def decoder_parts(model: PreTrainedModel) -> DecoderParts:
     return DecoderParts(decoder.embed_tokens, decoder.layers, decoder.norm, model.lm_head, decoder.rotary_emb)
 
 
+def cache_keyword(decoder_layer: nn.Module) -> str:
+    """The decoder layer's keyword for its KV cache: `cache` in newer transformers releases,
+    `past_key_values` in older ones (a wrong keyword would be swallowed by **kwargs, silently)."""
+    params = inspect.signature(decoder_layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def check_fits(model: PreTrainedModel, config: CometConfig) -> None:
     """Reject CoMeT settings the base model cannot run: one clear line each."""
     hf = model.config

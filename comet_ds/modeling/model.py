@@ -91,6 +91,10 @@ class CometForCausalLM(nn.Module):
 
     # -- pieces shared by every forward path (and by pipeline stages) --------------------------
 
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.new_rows.device
+
     def chunk_context(self, chunk: Chunk) -> ChunkContext:
         return ChunkContext.build(chunk.roles, self.rotary_emb, self.embedding.new_rows.dtype,
                                   self.config.queue_capacity)
@@ -108,6 +112,7 @@ class CometForCausalLM(nn.Module):
         states: list[MemoryState | None] = [None] * len(self.layers)
         loss_sum, count, all_logits = None, 0, [] if return_logits else None
         for chunk in chunks:
+            chunk = chunk.to(self.device)  # layouts are built on the CPU
             if bptt_window and chunk.index > 0 and chunk.index % bptt_window == 0:
                 states = [detach_state(s) for s in states]
             ctx = self.chunk_context(chunk)
@@ -125,7 +130,7 @@ class CometForCausalLM(nn.Module):
 
         Holds the activations of the whole sequence; it exists to check the other paths against.
         """
-        chunks = list(chunks)
+        chunks = [chunk.to(self.device) for chunk in chunks]
         contexts = [self.chunk_context(c) for c in chunks]
         hidden = [self.embedding(c.input_ids) for c in chunks]
         states: list[MemoryState | None] = []
