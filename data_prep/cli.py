@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import math
+import random
 import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
-from comet_ds.argtypes import depths, token_counts
+from tqdm import tqdm
+
+from comet_ds.argtypes import depths, token_count, token_counts
+from data_prep.output import DatasetWriter, file_sha256
+from data_prep.parallel import ordered_map
 
 DESCRIPTION = """\
 Turn raw material into long-context training and evaluation sets (datasets Arrow format, with a
@@ -19,129 +28,149 @@ manifest.json beside the data).
 """
 
 
-def cmd_passkey(args: argparse.Namespace) -> None:
+def _load_tokenizer(args: argparse.Namespace) -> None:
+    """Fail here, with one line, on a bad --tokenizer: a worker process failing to load it would not."""
     from transformers import AutoTokenizer
 
-    from data_prep.output import write_dataset
-    from data_prep.passkey import passkey_samples
+    try:
+        AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"comet-prep {args.command}: --tokenizer {args.tokenizer}: not a tokenizer "
+                         f"directory ({str(err).splitlines()[0]})") from None
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    samples = passkey_samples(tokenizer, args.lengths, args.depths, args.samples_per_cell, args.seed, args.command)
-    rows = ({"input_ids": s.input_ids, "labels": s.labels, "source": args.command,
-             "sample_id": f"{args.command}-{i}",
-             "text": s.text, "answer": s.passkey, "depth": s.depth, "length": len(s.input_ids)}
-            for i, s in enumerate(samples))
-    manifest = write_dataset(rows, args.output, args.tokenizer,
-                             {"source": args.command, "lengths": args.lengths, "depths": args.depths,
-                              "seed": args.seed})
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    inputs = [Path(p) for p in args.inputs]
+    for path in inputs:
+        if not path.is_file():
+            raise SystemExit(f"comet-prep {args.command}: input {path} does not exist")
+    return inputs
+
+
+def _reject(writer: DatasetWriter, args: argparse.Namespace, path: Path, line: int, reason: Exception) -> None:
+    writer.reject(str(path), line, str(reason))
+    if args.strict:  # raised inside the writer's block: nothing is written
+        raise SystemExit(f"comet-prep {args.command}: --strict: record rejected at {path}:{line}: {reason}")
+
+
+def _add_rows(writer: DatasetWriter, results: Iterable[list[dict | None]]) -> int:
+    """Write every row; return how many were left out for exceeding --max-tokens (None)."""
+    too_long = 0
+    for rows in results:
+        for row in rows:
+            if row is None:
+                too_long += 1
+            else:
+                writer.add(row)
+    return too_long
+
+
+def _summary(noun: str, read: int, writer: DatasetWriter, too_long: int) -> str:
+    """read = used + rejected, always: nothing is dropped silently."""
+    left_out = f" ({too_long} longer than --max-tokens left out)" if too_long else ""
+    return (f"read {read} {noun} = {read - writer.rejected} used + {writer.rejected} rejected; wrote "
+            f"{writer.samples} samples{left_out}")
+
+
+def cmd_retrieval(args: argparse.Namespace) -> None:
+    """passkey and needle."""
+    from data_prep import jobs
+
+    if args.max_tokens and max(args.lengths) > args.max_tokens:
+        raise SystemExit(f"comet-prep {args.command}: --lengths reach {max(args.lengths):,} tokens, over "
+                         f"--max-tokens {args.max_tokens:,}")
+    _load_tokenizer(args)
+    rng = random.Random(args.seed)  # one seed per sample: the same samples at any --num-proc
+    cells = itertools.product(args.lengths, args.depths, range(args.samples_per_cell))
+    tasks = [(i, args.command, length, depth, rng.randrange(2**63)) for i, (length, depth, _) in enumerate(cells)]
+    with DatasetWriter(args.output, args.tokenizer, keep_rejects=False) as writer:
+        rows = ordered_map(jobs.retrieval_row, tasks, args.num_proc, args.tokenizer)
+        for row in tqdm(rows, total=len(tasks), unit=" samples", disable=args.quiet):
+            writer.add(row)
+        manifest = writer.finish({"source": args.command, "lengths": args.lengths, "depths": args.depths,
+                                  "seed": args.seed})
     print(f"wrote {manifest['samples']} {args.command} samples ({manifest['tokens']['total']:,} tokens) "
           f"to {args.output}")
 
 
 def cmd_agent_logs(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
+    from data_prep import jobs
     from data_prep.agent_logs import Rejection, read_trajectories
-    from data_prep.agent_samples import questions, render, sft_sample
-    from data_prep.output import file_sha256, write_dataset
-    from data_prep.qa import pick_questions, qa_sample
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    rows, rejects, read, too_long = [], [], 0, 0
-    progress = tqdm(unit=" records", disable=args.quiet)
-    for path in map(Path, args.inputs):
-        if not path.is_file():
-            raise SystemExit(f"comet-prep agent-logs: input {path} does not exist")
-        for line, item in read_trajectories(path, args.format):
-            read += 1
-            progress.update(1)
-            if isinstance(item, Rejection):
-                rejects.append({"file": str(path), "line": line, "reason": str(item)})
-                continue
-            samples = []
-            if "sft" in args.kinds:
-                samples.append(("agent-logs:sft", f"{item.trajectory_id}/sft", *sft_sample(tokenizer, item), "", ""))
-            if "qa" in args.kinds:
-                context = render(item)
-                picked = pick_questions(questions(item), args.questions_per_log, item.trajectory_id, args.seed)
-                for k, q in enumerate(picked):
-                    samples.append((f"agent-logs:qa:{q.kind}", f"{item.trajectory_id}/qa{k}",
-                                    *qa_sample(tokenizer, context, q), q.question, q.answer))
-            for source, sample_id, ids, labels, question, answer in samples:
-                if args.max_tokens and len(ids) > args.max_tokens:
-                    too_long += 1
-                    continue
-                rows.append({"input_ids": ids, "labels": labels, "source": source, "sample_id": sample_id,
-                             "text": tokenizer.decode(ids), "question": question, "answer": answer})
-    progress.close()
-    summary = (f"read {read} records = {read - len(rejects)} used + {len(rejects)} rejected; wrote {len(rows)} "
-               f"samples" + (f" ({too_long} longer than --max-tokens left out)" if too_long else ""))
-    if args.strict and rejects:
-        first = rejects[0]
-        raise SystemExit(f"comet-prep agent-logs: --strict: {len(rejects)} record(s) rejected, first at "
-                         f"{first['file']}:{first['line']}: {first['reason']}")
-    if not rows:
-        raise SystemExit(f"comet-prep agent-logs: no usable record ({summary})")
-    write_dataset(rows, args.output, args.tokenizer, {
-        "source": "agent-logs", "records_read": read, "records_rejected": len(rejects),
-        "samples_too_long": too_long, "kinds": args.kinds, "seed": args.seed,
-        "inputs": {str(p): file_sha256(p) for p in args.inputs}}, rejects=rejects)
+    inputs = _inputs(args)
+    _load_tokenizer(args)
+    job = functools.partial(jobs.trajectory_rows, kinds=tuple(args.kinds), questions_per_log=args.questions_per_log,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    with DatasetWriter(args.output, args.tokenizer) as writer, \
+            tqdm(unit=" records", disable=args.quiet) as progress:
+        read = 0
+
+        def trajectories() -> Iterator:
+            nonlocal read
+            for path in inputs:
+                for line, item in read_trajectories(path, args.format):
+                    read += 1
+                    progress.update(1)
+                    if isinstance(item, Rejection):
+                        _reject(writer, args, path, line, item)
+                    else:
+                        yield item
+
+        too_long = _add_rows(writer, ordered_map(job, trajectories(), args.num_proc, args.tokenizer))
+        summary = _summary("records", read, writer, too_long)
+        if not writer.samples:
+            raise SystemExit(f"comet-prep agent-logs: no usable record ({summary})")
+        writer.finish({"source": "agent-logs", "records_read": read, "records_rejected": writer.rejected,
+                       "samples_too_long": too_long, "kinds": args.kinds, "seed": args.seed,
+                       "inputs": {str(p): file_sha256(p) for p in inputs}})
     print(f"{summary} to {args.output}")
 
 
 def cmd_user_behavior(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
+    from data_prep import jobs
     from data_prep.agent_logs import Rejection
-    from data_prep.output import file_sha256, write_dataset
-    from data_prep.qa import pick_questions, qa_sample
-    from data_prep.user_behavior import UserBuckets, questions, read_events, render_history, spill_directory
+    from data_prep.user_behavior import UserBuckets, read_events, spill_directory
 
     mapping = dict(pair.split("=", 1) for pair in args.columns.split(",")) if args.columns else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    inputs = [Path(p) for p in args.inputs]
-    for path in inputs:
-        if not path.is_file():
-            raise SystemExit(f"comet-prep user-behavior: input {path} does not exist")
-    total_mb = sum(p.stat().st_size for p in inputs) / 2**20
-    buckets = max(1, math.ceil(total_mb / args.bucket_mb))
-    rows, rejects, read = [], [], 0
-    with spill_directory(args.spill_dir) as scratch:
+    inputs = _inputs(args)
+    _load_tokenizer(args)
+    buckets = max(1, math.ceil(sum(p.stat().st_size for p in inputs) / 2**20 / args.bucket_mb))
+    job = functools.partial(jobs.user_rows, questions_per_user=args.questions_per_user, seed=args.seed,
+                            max_tokens=args.max_tokens)
+    with spill_directory(args.spill_dir) as scratch, DatasetWriter(args.output, args.tokenizer) as writer:
         spill = UserBuckets(buckets, Path(scratch))
+        read = 0
         with tqdm(unit=" events", disable=args.quiet) as progress:
             for path in inputs:
                 for line, item in read_events(path, mapping):
                     read += 1
                     progress.update(1)
                     if isinstance(item, Rejection):
-                        rejects.append({"file": str(path), "line": line, "reason": str(item)})
+                        _reject(writer, args, path, line, item)
                     else:
                         spill.add(*item)
-        for user, events in spill.users():
-            events = events[-args.max_events_per_user:] if args.max_events_per_user else events
-            context = render_history(user, events)
-            for k, q in enumerate(pick_questions(questions(events), args.questions_per_user, user, args.seed)):
-                ids, labels = qa_sample(tokenizer, context, q)
-                rows.append({"input_ids": ids, "labels": labels, "source": f"user-behavior:{q.kind}",
-                             "sample_id": f"{user}/qa{k}", "text": tokenizer.decode(ids), "question": q.question,
-                             "answer": q.answer})
-    summary = f"read {read} events = {read - len(rejects)} used + {len(rejects)} rejected; wrote {len(rows)} samples"
-    if args.strict and rejects:
-        first = rejects[0]
-        raise SystemExit(f"comet-prep user-behavior: --strict: {len(rejects)} event(s) rejected, first at "
-                         f"{first['file']}:{first['line']}: {first['reason']}")
-    if not rows:
-        raise SystemExit(f"comet-prep user-behavior: no usable event ({summary})")
-    write_dataset(rows, args.output, args.tokenizer, {
-        "source": "user-behavior", "events_read": read, "events_rejected": len(rejects), "spill_buckets": buckets,
-        "seed": args.seed, "inputs": {str(p): file_sha256(p) for p in inputs}}, rejects=rejects)
+        keep = args.max_events_per_user
+        histories = ((user, events[-keep:] if keep else events) for user, events in spill.users())
+        results = ordered_map(job, histories, args.num_proc, args.tokenizer)
+        too_long = _add_rows(writer, tqdm(results, unit=" users", disable=args.quiet))
+        summary = _summary("events", read, writer, too_long)
+        if not writer.samples:
+            raise SystemExit(f"comet-prep user-behavior: no usable event ({summary})")
+        writer.finish({"source": "user-behavior", "events_read": read, "events_rejected": writer.rejected,
+                       "samples_too_long": too_long, "spill_buckets": buckets, "seed": args.seed,
+                       "inputs": {str(p): file_sha256(p) for p in inputs}})
     print(f"{summary} to {args.output}")
+
+
+def _shared_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    p.add_argument("--max-tokens", type=token_count,
+                   help="leave out samples longer than this, e.g. 32k (counted in the summary)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-proc", type=int, default=1,
+                   help="processes that render and tokenise (default: 1); the output is the same for any value")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,15 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"the answer is trained.\n\nexample: comet-prep {name} --tokenizer runs/base "
                                        f"--lengths 2k,8k --depths 5 --output runs/{name}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+        _shared_options(p)
         p.add_argument("--lengths", type=token_counts, default=[2048], help="tokens per sample, e.g. 2k,8k "
                                                                             "(default: 2k)")
         p.add_argument("--depths", type=depths, default=[0.5],
                        help="a count of evenly spaced depths, or fractions like 0.1,0.5 (default: 0.5)")
         p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
-        p.set_defaults(func=cmd_passkey)
+        p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("agent-logs", help="agent trajectories (OpenAI, ShareGPT, CoMeT chat JSONL) → SFT and QA",
                        description="Read agent trajectories from JSONL files (OpenAI chat with tool_calls, "
@@ -174,15 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "runs.jsonl --tokenizer runs/base --output runs/agent_data",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="JSONL files")
-    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    _shared_options(p)
     p.add_argument("--format", choices=["auto", "openai", "sharegpt", "comet"], default="auto")
     p.add_argument("--kinds", type=lambda s: s.split(","), default=["sft", "qa"], help="sft,qa (default: both)")
     p.add_argument("--questions-per-log", type=int, default=4, help="QA samples per trajectory (default: 4)")
-    p.add_argument("--max-tokens", type=int, help="leave out samples longer than this (counted in the summary)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="fail if any record is rejected")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
     p.set_defaults(func=cmd_agent_logs)
 
     p = sub.add_parser("user-behavior", help="user event logs (CSV, TSV, JSONL) → per-user histories with QA",
@@ -196,17 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "user_id=visitorid,item_id=itemid,behavior_type=event ...",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="CSV, TSV or JSONL files")
-    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    _shared_options(p)
     p.add_argument("--columns", help="our=theirs pairs for other layouts, e.g. user_id=visitorid,timestamp=ts")
     p.add_argument("--questions-per-user", type=int, default=3, help="QA samples per user (default: 3)")
     p.add_argument("--max-events-per-user", type=int, help="keep each user's most recent N events")
     p.add_argument("--bucket-mb", type=float, default=256.0,
                    help="input MB per spill bucket: bounds memory while grouping (default: 256)")
     p.add_argument("--spill-dir", help="where the spill buckets go (default: the system temp directory)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true", help="fail if any event is rejected")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
     p.set_defaults(func=cmd_user_behavior)
     return parser
 

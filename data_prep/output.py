@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from datasets.arrow_writer import ArrowWriter
+from datasets.table import MemoryMappedTable
 
 from comet_ds.fs import atomic_directory
 
@@ -34,28 +34,80 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def write_dataset(rows: Iterable[dict[str, Any]], output: str | Path, tokenizer_dir: str | Path,
-                  extra: dict[str, Any] | None = None, rejects: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Save rows (each with input_ids, labels, source, sample_id, text) atomically, with the manifest
-    and, when given, rejects.jsonl (one line per rejected input record); return the manifest."""
-    rows = list(rows)
-    if not rows:
-        raise ValueError("no samples to write")
-    lengths = [len(r["input_ids"]) for r in rows]
-    manifest = {
-        "samples": len(rows),
-        "tokens": {"total": sum(lengths), "min": min(lengths), "max": max(lengths),
-                   "mean": round(statistics.fmean(lengths), 1)},
-        "trained_tokens": sum(sum(1 for x in r["labels"] if x != -100) for r in rows),
-        "tokenizer": str(Path(tokenizer_dir).absolute()),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
-        "command": sys.argv,
-        **(extra or {}),
-    }
-    with atomic_directory(output) as scratch:
-        Dataset.from_list(rows).save_to_disk(str(scratch / "data"))
-        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if rejects is not None:
-            (scratch / "rejects.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                           for r in rejects))
-    return manifest
+class DatasetWriter:
+    """Streams samples into a `datasets` Arrow dataset, written atomically with its manifest and
+    rejects.jsonl; memory holds one Arrow batch, never the whole dataset.
+
+        with DatasetWriter(output, tokenizer_dir) as writer:
+            writer.reject(file, line, reason)   # a malformed input record, kept with its reason
+            writer.add(row)                     # input_ids, labels, source, sample_id, text, ...
+            writer.finish(extra)                # nothing is published unless this runs
+
+    Leaving the block without finish(), or with an exception, leaves `output` untouched.
+    """
+
+    def __init__(self, output: str | Path, tokenizer_dir: str | Path, batch_rows: int = 64,
+                 keep_rejects: bool = True):
+        self.output, self.tokenizer_dir, self.batch_rows = output, tokenizer_dir, batch_rows
+        self.keep_rejects = keep_rejects
+        self.samples = self.tokens = self.trained_tokens = self.rejected = 0
+        self.shortest, self.longest = None, 0
+        self.first_reject: dict[str, Any] | None = None
+        self.manifest: dict[str, Any] | None = None
+
+    def __enter__(self) -> DatasetWriter:
+        self._scratch_context = atomic_directory(self.output)
+        self.scratch = self._scratch_context.__enter__()
+        self._rows_path = self.scratch / "rows.arrow"
+        self._rows = ArrowWriter(path=str(self._rows_path), writer_batch_size=self.batch_rows)
+        self._rejects = open(self.scratch / "rejects.jsonl", "w", encoding="utf-8")
+        return self
+
+    def reject(self, file: str, line: int, reason: str) -> None:
+        record = {"file": file, "line": line, "reason": reason}
+        self.rejected += 1
+        self.first_reject = self.first_reject or record
+        self._rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def add(self, row: dict[str, Any]) -> None:
+        length = len(row["input_ids"])
+        self.samples += 1
+        self.tokens += length
+        self.trained_tokens += sum(1 for x in row["labels"] if x != -100)
+        self.shortest = length if self.shortest is None else min(self.shortest, length)
+        self.longest = max(self.longest, length)
+        self._rows.write(row)
+
+    def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Seal the dataset and manifest; they appear at `output` when the block exits."""
+        if not self.samples:
+            raise ValueError("no samples to write")
+        self._rows.finalize()
+        self._rows.close()
+        self._rejects.close()
+        if not self.keep_rejects:
+            (self.scratch / "rejects.jsonl").unlink()
+        # a content fingerprint (datasets would hash the scratch path): same rows, same bytes on disk
+        table = MemoryMappedTable.from_file(str(self._rows_path))
+        Dataset(table, fingerprint=file_sha256(self._rows_path)[:16]).save_to_disk(str(self.scratch / "data"))
+        del table
+        self._rows_path.unlink()
+        self.manifest = {
+            "samples": self.samples,
+            "tokens": {"total": self.tokens, "min": self.shortest, "max": self.longest,
+                       "mean": round(self.tokens / self.samples, 1)},
+            "trained_tokens": self.trained_tokens,
+            "tokenizer": str(Path(self.tokenizer_dir).absolute()),
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer_dir),
+            "command": sys.argv,
+            **(extra or {}),
+        }
+        (self.scratch / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+        return self.manifest
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        self._rejects.close()
+        self._rows.close()
+        if kind is None and self.manifest is None:  # left early: discard like a failure
+            kind, error = RuntimeError, RuntimeError("DatasetWriter left without finish()")
+        self._scratch_context.__exit__(kind, error, tb)

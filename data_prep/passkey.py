@@ -9,8 +9,8 @@ the answer position are exact.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import cycle, islice
 
 from transformers import PreTrainedTokenizerBase
 
@@ -52,19 +52,30 @@ def _hidden_fact(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, 
     if budget < 0:
         raise ValueError(f"length {length} is too short for a {kind} sample "
                          f"(needs at least {length - budget} tokens with this tokenizer)")
-    haystack = (filler_ids * (budget // len(filler_ids) + 1))[:budget]
     cut = round(depth * budget)
-    ids = head + haystack[:cut] + fact_ids + haystack[cut:] + question_ids + answer_ids
-    return ids, [IGNORE_INDEX] * (len(ids) - len(answer_ids)) + answer_ids
+    # built in place, one list each: at a million tokens every temporary copy costs 8 MB
+    ids = list(head)
+    ids.extend(islice(cycle(filler_ids), cut))
+    ids.extend(fact_ids)
+    ids.extend(islice(cycle(filler_ids), cut, budget))  # the haystack goes on where it was cut
+    ids.extend(question_ids)
+    ids.extend(answer_ids)
+    labels = [IGNORE_INDEX] * (len(ids) - len(answer_ids))
+    labels.extend(answer_ids)
+    return ids, labels
 
 
 def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
-                   rng: random.Random) -> PasskeySample:
-    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end)."""
+                   rng: random.Random, with_text: bool = True) -> PasskeySample:
+    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end).
+
+    with_text=False leaves `text` empty: decoding a million tokens costs more memory than the
+    sample itself, and evaluation needs the ids alone.
+    """
     key = str(rng.randint(10000, 99999))
     ids, labels = _hidden_fact(tokenizer, length, depth, INSTRUCTION, FILLER, NEEDLE.format(key=key), QUESTION, key,
                                "passkey")
-    return PasskeySample(ids, labels, tokenizer.decode(ids), key, depth)
+    return PasskeySample(ids, labels, tokenizer.decode(ids) if with_text else "", key, depth)
 
 
 def needle_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
@@ -75,17 +86,6 @@ def needle_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
                                NEEDLE_FACT.format(word=word, key=key), NEEDLE_QUESTION.format(word=word), key,
                                "needle")
     return PasskeySample(ids, labels, tokenizer.decode(ids), key, depth)
-
-
-def passkey_samples(tokenizer: PreTrainedTokenizerBase, lengths: list[int], depths: list[float],
-                    per_cell: int, seed: int, kind: str = "passkey") -> Iterator[PasskeySample]:
-    """`per_cell` samples for every (length, depth), reproducible from the seed."""
-    make = {"passkey": passkey_sample, "needle": needle_sample}[kind]
-    rng = random.Random(seed)
-    for length in lengths:
-        for depth in depths:
-            for _ in range(per_cell):
-                yield make(tokenizer, length, depth, rng)
 
 
 def parse_depths(text: str) -> list[float]:

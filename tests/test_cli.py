@@ -1,8 +1,10 @@
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from comet_ds.cli import main
 
@@ -13,14 +15,26 @@ def test_help_lists_the_commands():
         assert command in done.stdout
 
 
-def test_init_base_writes_a_loadable_model(tmp_path, capsys):
-    main(["init-base", "--out", str(tmp_path / "base"), "--arch", "qwen3", "--layers", "1"])
+def test_init_base_writes_a_pretrained_loadable_model(tmp_path, capsys):
+    main(["init-base", "--out", str(tmp_path / "base"), "--arch", "qwen3", "--layers", "1", "--pretrain-steps", "40"])
     assert "wrote a tiny qwen3 base" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
     assert model.config.model_type == "qwen3" and model.config.num_hidden_layers == 1
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "base")) == model.config.vocab_size
+    assert len(tokenizer) == model.config.vocab_size
+    # the saved weights are the pretrained ones: held-out corpus text is far likelier than under random weights
+    from comet_ds.modeling.tiny_base import synthetic_corpus, tiny_model
+
+    ids = torch.tensor([tokenizer(" ".join(synthetic_corpus(40, seed=99)), add_special_tokens=False).input_ids[:200]])
+    random_init = tiny_model("qwen3", len(tokenizer), num_layers=1, tokenizer=tokenizer)
+    with torch.no_grad():
+        trained_loss = model(input_ids=ids, labels=ids).loss.item()
+        random_loss = random_init(input_ids=ids, labels=ids).loss.item()
+    summary = json.loads((tmp_path / "base" / "pretraining.json").read_text())
+    assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"] - 1.0
+    assert trained_loss < random_loss - 1.0
 
 
 def test_bad_input_gives_one_clear_line(tmp_path, capsys):
@@ -34,9 +48,9 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
 def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
     """README's main command, shortened: 2-stage training through the deepspeed launcher included."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "comet_ds", "demo", "--out", str(tmp_path / "demo"), "--steps", "2",
-                           "--train-tokens", "300", "--tokens", "2048"], capture_output=True, text=True, env=env,
-                          timeout=900, check=False)
+    command = [sys.executable, "-m", "comet_ds", "demo", "--out", str(tmp_path / "demo"), "--steps", "2",
+               "--pretrain-steps", "5", "--train-tokens", "300", "--tokens", "2048"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "trained 2 step(s)" in done.stdout
     assert (tmp_path / "demo" / "train" / "mlflow.db").is_file()

@@ -1,19 +1,24 @@
-"""A tiny Llama-, Qwen3-, Qwen2- or Mistral-style base model and sentencepiece tokenizer, built locally in seconds.
+"""A tiny Llama-, Qwen3-, Qwen2- or Mistral-style base model and sentencepiece tokenizer, built locally.
 
-Nothing is downloaded: the tokenizer is trained on a built-in synthetic corpus and the model is
-randomly initialised, then both are written with save_pretrained so every other part of comet_ds
-loads them exactly as it would load a real base model.
+Nothing is downloaded: the tokenizer is trained on a built-in synthetic corpus, the model is
+initialised randomly and then pretrained briefly on the same corpus (a real, if small, language
+model), and both are written with save_pretrained so every other part of comet_ds loads them
+exactly as it would load a real base model.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import random
 import tempfile
+import time
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -52,9 +57,11 @@ def synthetic_corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
                     f"{rng.choice(['today', 'at night', 'in the morning', 'again', 'slowly', 'twice'])}.")
         elif kind < 0.8:
             line = " ".join(rng.choice(_FILLER) for _ in range(rng.randint(1, 4)))
-        elif kind < 0.9:
+        elif kind < 0.9:  # a fact, some distraction, the question: in-context retrieval
             key = rng.randint(10000, 99999)
-            line = f"The pass key is {key}. Remember it. {key} is the pass key."
+            line = (f"The pass key is {key}. Remember it. {key} is the pass key. "
+                    + " ".join(rng.choice(_FILLER) for _ in range(rng.randint(0, 6)))
+                    + f" What is the pass key? The pass key is {key}.")
         else:
             line = f"There are {rng.randint(0, 999)} items and {rng.randint(0, 99)} boxes, {rng.randint(1, 9)} each."
         lines.append(line)
@@ -94,12 +101,52 @@ def tiny_model(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers:
     return model_class(config).float()
 
 
-def init_base(out: str | Path, arch: str = "llama", *, seed: int = 0, **model_kwargs: int) -> Path:
-    """Write a tiny base model and its tokenizer to `out` (save_pretrained format)."""
+def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: int, *, seq_len: int = 256,
+             batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Next-token training on the packed synthetic corpus (AdamW, warmup then cosine); returns a summary."""
+    lines = min(200_000, max(4000, steps * batch_size * seq_len // 12))  # ~12 tokens a line; windows are sampled
+    text = " ".join(synthetic_corpus(num_lines=lines, seed=seed + 1))
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    warmup = max(1, steps // 20)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start, first, losses = time.perf_counter(), None, []
+    bar = tqdm(range(steps), desc="pretraining the tiny base", unit="step", disable=not progress)
+    for _ in bar:
+        batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        first = loss.item() if first is None else first
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "tokens": steps * batch_size * seq_len, "first_loss": first,
+            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+
+
+PRETRAINING_SUMMARY = "pretraining.json"
+
+
+def init_base(out: str | Path, arch: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,
+              progress: bool = True, **model_kwargs: int) -> Path:
+    """Write a tiny base model and its tokenizer to `out` (save_pretrained format), pretrained for
+    `pretrain_steps` steps on the built-in corpus (0: left at its random initialisation)."""
     out = Path(out)
     tokenizer = train_tokenizer(seed=seed)
     model = tiny_model(arch, len(tokenizer), seed=seed, tokenizer=tokenizer, **model_kwargs)
     out.mkdir(parents=True, exist_ok=True)
+    if pretrain_steps > 0:
+        summary = pretrain(model, tokenizer, pretrain_steps, seed=seed, progress=progress)
+        (out / PRETRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,68 @@
+"""The per-record work of each `comet-prep` command: records in, dataset rows out.
+
+These run in worker processes under --num-proc (see `parallel`), so they are plain top-level
+functions of picklable arguments and take the tokenizer from `worker_tokenizer()`. A row longer
+than --max-tokens comes back as None, before its text is decoded, so the caller can count it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from data_prep.agent_logs import Trajectory
+from data_prep.agent_samples import questions as trajectory_questions
+from data_prep.agent_samples import render, sft_sample
+from data_prep.parallel import worker_tokenizer
+from data_prep.passkey import needle_sample, passkey_sample
+from data_prep.qa import Question, pick_questions, qa_sample
+from data_prep.user_behavior import Event, render_history
+from data_prep.user_behavior import questions as history_questions
+
+Row = dict[str, Any]
+
+
+def _row(ids: list[int], labels: list[int], max_tokens: int | None, **fields: Any) -> Row | None:
+    if max_tokens and len(ids) > max_tokens:
+        return None
+    return {"input_ids": ids, "labels": labels, **fields, "text": worker_tokenizer().decode(ids)}
+
+
+def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:
+    """One passkey or needle sample; `task` is (index, kind, length, depth, seed)."""
+    index, kind, length, depth, seed = task
+    make = {"passkey": passkey_sample, "needle": needle_sample}[kind]
+    sample = make(worker_tokenizer(), length, depth, random.Random(seed))
+    return {"input_ids": sample.input_ids, "labels": sample.labels, "source": kind, "sample_id": f"{kind}-{index}",
+            "text": sample.text, "answer": sample.passkey, "depth": depth, "length": length}
+
+
+def _qa_rows(context: str, picked: list[Question], source: str, key: str, max_tokens: int | None) -> list[Row | None]:
+    rows = []
+    for k, q in enumerate(picked):
+        ids, labels = qa_sample(worker_tokenizer(), context, q)
+        rows.append(_row(ids, labels, max_tokens, source=f"{source}:{q.kind}", sample_id=f"{key}/qa{k}",
+                         question=q.question, answer=q.answer))
+    return rows
+
+
+def trajectory_rows(record: Trajectory, kinds: tuple[str, ...], questions_per_log: int, seed: int,
+                    max_tokens: int | None) -> list[Row | None]:
+    """Supervised and QA rows of one agent trajectory."""
+    rows: list[Row | None] = []
+    if "sft" in kinds:
+        ids, labels = sft_sample(worker_tokenizer(), record)
+        rows.append(_row(ids, labels, max_tokens, source="agent-logs:sft", sample_id=f"{record.trajectory_id}/sft",
+                         question="", answer=""))
+    if "qa" in kinds:
+        picked = pick_questions(trajectory_questions(record), questions_per_log, record.trajectory_id, seed)
+        rows += _qa_rows(render(record), picked, "agent-logs:qa", record.trajectory_id, max_tokens)
+    return rows
+
+
+def user_rows(history: tuple[str, list[Event]], questions_per_user: int, seed: int,
+              max_tokens: int | None) -> list[Row | None]:
+    """QA rows about one user's event history."""
+    user, events = history
+    picked = pick_questions(history_questions(events), questions_per_user, user, seed)
+    return _qa_rows(render_history(user, events), picked, "user-behavior", user, max_tokens)
