@@ -188,6 +188,42 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
 DEMO_COMET = {"chunk_size": 128, "global_slots": 8, "temp_stride": 8, "temp_budget": 64}
 
 
+def cmd_bench_prep(args: argparse.Namespace) -> None:
+    from comet_ds.bench.prep import bench_one, format_row, write_agent_log_jsonl, write_user_behavior_csv
+    from comet_ds.modeling.tiny_base import init_base
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = args.tokenizer or str(workdir / "tiny-base")
+    if args.tokenizer is None and not (Path(tokenizer) / "tokenizer_config.json").exists():
+        init_base(tokenizer, num_layers=1, pretrain_steps=0)  # only its tokenizer is used
+    sources = []
+    for megabytes in args.user_behavior_mb:
+        path = workdir / f"user-behavior-{megabytes:g}mb.csv"
+        if not path.exists():
+            print(f"generating {path} ...", flush=True)
+            write_user_behavior_csv(path, megabytes)
+        sources.append(("user-behavior", path))
+    if args.agent_logs_mb:
+        path = workdir / f"agent-logs-{args.agent_logs_mb:g}mb.jsonl"
+        if not path.exists():
+            print(f"generating {path} ...", flush=True)
+            write_agent_log_jsonl(path, args.agent_logs_mb)
+        sources.append(("agent-logs", path))
+    print(f"comet-prep, --num-proc {args.num_proc}, tokenizer {tokenizer}")
+    rows = []
+    for kind, path in sources:
+        rows.append(bench_one(kind, path, tokenizer, workdir, args.num_proc))
+        print(format_row(rows[-1]), flush=True)
+    behavior = [r for r in rows if r["command"] == "user-behavior"]
+    if len(behavior) >= 2:
+        small, large = behavior[0], behavior[-1]
+        print(f"peak RSS {large['input_mb']:g} MB vs {small['input_mb']:g} MB input: "
+              f"{large['peak_rss_mib'] / small['peak_rss_mib']:.3f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def cmd_bench_pipeline(args: argparse.Namespace) -> None:
     from comet_ds.bench.pipeline import BENCH_CONFIG, run_all
     from comet_ds.modeling.tiny_base import init_base
@@ -435,6 +471,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench_pipeline)
+
+    p = bench.add_parser("prep", help="comet-prep throughput and memory on generated logs",
+                         description="Generate a Taobao-layout user-behaviour CSV at each size and an agent-log "
+                                     "JSONL, run comet-prep on each in a fresh process, and report MB/s, tokens/s "
+                                     "(also as a fraction of the tokenizer's own batch speed on the same text) and "
+                                     "peak RSS.\n\nexample: comet-ds bench prep --user-behavior-mb 50,200 "
+                                     "--agent-logs-mb 50",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--user-behavior-mb", type=lambda s: [float(x) for x in s.split(",")], default=[50.0, 200.0],
+                   help="sizes of the generated CSVs in MB (default: 50,200)")
+    p.add_argument("--agent-logs-mb", type=float, default=50.0, help="size of the agent-log JSONL (default: 50; "
+                                                                       "0 skips it)")
+    p.add_argument("--num-proc", type=int, default=1, help="comet-prep --num-proc (default: 1)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: a tiny base's, built in --workdir)")
+    p.add_argument("--workdir", default="runs/bench-prep", help="inputs and outputs (default: runs/bench-prep)")
+    p.add_argument("--json", help="also write the result rows to this JSON file")
+    p.set_defaults(func=cmd_bench_prep)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny local base (CPU, minutes)",
                        description="Build a tiny base and passkey data, fine-tune CoMeT + LoRA on 2 DeepSpeed "

@@ -223,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", help="our=theirs pairs for other layouts, e.g. user_id=visitorid,timestamp=ts")
     p.add_argument("--questions-per-user", type=int, default=3, help="QA samples per user (default: 3)")
     p.add_argument("--max-events-per-user", type=int, help="keep each user's most recent N events")
-    p.add_argument("--bucket-mb", type=float, default=256.0,
-                   help="input MB per spill bucket: bounds memory while grouping (default: 256)")
+    p.add_argument("--bucket-mb", type=float, default=32.0,
+                   help="input MB per spill bucket: grouping holds one bucket's events in memory, about 6x "
+                        "its size (default: 32)")
     p.add_argument("--spill-dir", help="where the spill buckets go (default: the system temp directory)")
     p.add_argument("--strict", action="store_true", help="fail if any event is rejected")
     p.set_defaults(func=cmd_user_behavior)

@@ -15,17 +15,20 @@ from data_prep.agent_samples import questions as trajectory_questions
 from data_prep.agent_samples import render, sft_sample
 from data_prep.parallel import worker_tokenizer
 from data_prep.passkey import needle_sample, passkey_sample
-from data_prep.qa import Question, pick_questions, qa_sample
+from data_prep.qa import Question, pick_questions, qa_samples, qa_text
 from data_prep.user_behavior import Event, render_history
 from data_prep.user_behavior import questions as history_questions
 
 Row = dict[str, Any]
 
 
-def _row(ids: list[int], labels: list[int], max_tokens: int | None, **fields: Any) -> Row | None:
+def _row(ids: list[int], labels: list[int], max_tokens: int | None, text: str | None = None,
+         **fields: Any) -> Row | None:
+    """A dataset row; `text` is decoded from the ids unless the rendered text is at hand."""
     if max_tokens and len(ids) > max_tokens:
         return None
-    return {"input_ids": ids, "labels": labels, **fields, "text": worker_tokenizer().decode(ids)}
+    return {"input_ids": ids, "labels": labels, **fields,
+            "text": worker_tokenizer().decode(ids) if text is None else text}
 
 
 def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:
@@ -38,12 +41,9 @@ def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:
 
 
 def _qa_rows(context: str, picked: list[Question], source: str, key: str, max_tokens: int | None) -> list[Row | None]:
-    rows = []
-    for k, q in enumerate(picked):
-        ids, labels = qa_sample(worker_tokenizer(), context, q)
-        rows.append(_row(ids, labels, max_tokens, source=f"{source}:{q.kind}", sample_id=f"{key}/qa{k}",
-                         question=q.question, answer=q.answer))
-    return rows
+    return [_row(ids, labels, max_tokens, text=qa_text(context, q), source=f"{source}:{q.kind}",
+                 sample_id=f"{key}/qa{k}", question=q.question, answer=q.answer)
+            for k, (q, (ids, labels)) in enumerate(zip(picked, qa_samples(worker_tokenizer(), context, picked)))]
 
 
 def trajectory_rows(record: Trajectory, kinds: tuple[str, ...], questions_per_log: int, seed: int,

@@ -8,13 +8,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
-from datasets.table import MemoryMappedTable
 
 from comet_ds.fs import atomic_directory
 
 MANIFEST = "manifest.json"
+SHARD = "data-00000-of-00001.arrow"
+TOKEN_COLUMNS = ("input_ids", "labels")
+
+
+def row_features(row: dict[str, Any]) -> Features:
+    """Arrow types for a command's rows: token ids as int32 (vocabularies fit; half of int64's bytes),
+    the other columns from their Python types."""
+    kinds = {str: Value("string"), int: Value("int64"), float: Value("float64"), bool: Value("bool")}
+    features = {}
+    for name, value in row.items():
+        if name in TOKEN_COLUMNS:
+            features[name] = List(Value("int32"))
+        elif type(value) in kinds:
+            features[name] = kinds[type(value)]
+        else:
+            raise TypeError(f"column {name!r}: no Arrow type for {type(value).__name__}")
+    return Features(features)
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
@@ -43,7 +59,9 @@ class DatasetWriter:
             writer.add(row)                     # input_ids, labels, source, sample_id, text, ...
             writer.finish(extra)                # nothing is published unless this runs
 
-    Leaving the block without finish(), or with an exception, leaves `output` untouched.
+    Leaving the block without finish(), or with an exception, leaves `output` untouched. The rows go
+    straight into the dataset's one shard in the layout `save_to_disk` writes (`load_from_disk`
+    reads it): re-saving through `datasets` would read the whole file back through memory.
     """
 
     def __init__(self, output: str | Path, tokenizer_dir: str | Path, batch_rows: int = 64,
@@ -54,12 +72,12 @@ class DatasetWriter:
         self.shortest, self.longest = None, 0
         self.first_reject: dict[str, Any] | None = None
         self.manifest: dict[str, Any] | None = None
+        self._rows: ArrowWriter | None = None
 
     def __enter__(self) -> DatasetWriter:
         self._scratch_context = atomic_directory(self.output)
         self.scratch = self._scratch_context.__enter__()
-        self._rows_path = self.scratch / "rows.arrow"
-        self._rows = ArrowWriter(path=str(self._rows_path), writer_batch_size=self.batch_rows)
+        (self.scratch / "data").mkdir()
         self._rejects = open(self.scratch / "rejects.jsonl", "w", encoding="utf-8")
         return self
 
@@ -70,28 +88,34 @@ class DatasetWriter:
         self._rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def add(self, row: dict[str, Any]) -> None:
+        if self._rows is None:  # the first row fixes the schema
+            self.features = row_features(row)
+            self._rows = ArrowWriter(features=self.features, path=str(self.scratch / "data" / SHARD),
+                                     writer_batch_size=self.batch_rows)
         length = len(row["input_ids"])
         self.samples += 1
         self.tokens += length
-        self.trained_tokens += sum(1 for x in row["labels"] if x != -100)
+        self.trained_tokens += length - row["labels"].count(-100)
         self.shortest = length if self.shortest is None else min(self.shortest, length)
         self.longest = max(self.longest, length)
         self._rows.write(row)
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal the dataset and manifest; they appear at `output` when the block exits."""
-        if not self.samples:
+        if self._rows is None:
             raise ValueError("no samples to write")
         self._rows.finalize()
         self._rows.close()
         self._rejects.close()
         if not self.keep_rejects:
             (self.scratch / "rejects.jsonl").unlink()
-        # a content fingerprint (datasets would hash the scratch path): same rows, same bytes on disk
-        table = MemoryMappedTable.from_file(str(self._rows_path))
-        Dataset(table, fingerprint=file_sha256(self._rows_path)[:16]).save_to_disk(str(self.scratch / "data"))
-        del table
-        self._rows_path.unlink()
+        data = self.scratch / "data"
+        DatasetInfo(features=self.features).write_to_directory(str(data))
+        state = {"_data_files": [{"filename": SHARD}],
+                 "_fingerprint": file_sha256(data / SHARD)[:16],  # content, not path: same rows, same bytes
+                 "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+                 "_output_all_columns": False, "_split": None}
+        (data / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
         self.manifest = {
             "samples": self.samples,
             "tokens": {"total": self.tokens, "min": self.shortest, "max": self.longest,
@@ -107,7 +131,8 @@ class DatasetWriter:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
         self._rejects.close()
-        self._rows.close()
+        if self._rows is not None:
+            self._rows.close()
         if kind is None and self.manifest is None:  # left early: discard like a failure
             kind, error = RuntimeError, RuntimeError("DatasetWriter left without finish()")
         self._scratch_context.__exit__(kind, error, tb)

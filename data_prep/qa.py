@@ -39,8 +39,22 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def qa_sample(tokenizer: PreTrainedTokenizerBase, context: str, question: Question) -> tuple[list[int], list[int]]:
-    """Context, question and answer; only the answer's tokens are trained."""
-    prompt = encode(tokenizer, f"{context}\nQuestion: {question.question}\nAnswer:")
-    answer = encode(tokenizer, f" {question.answer}")
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+def qa_text(context: str, question: Question) -> str:
+    """The rendered sample: context, question, answer."""
+    return f"{context}\nQuestion: {question.question}\nAnswer: {question.answer}"
+
+
+def qa_samples(tokenizer: PreTrainedTokenizerBase, context: str,
+               questions: list[Question]) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per question: context, question and answer, only the answer's tokens trained.
+
+    The context is tokenised once and shared by the questions (it is most of every sample); the
+    question and the answer are tokenised as their own pieces.
+    """
+    context_ids = encode(tokenizer, context)
+    samples = []
+    for q in questions:
+        prompt = context_ids + encode(tokenizer, f"\nQuestion: {q.question}\nAnswer:")
+        answer = encode(tokenizer, f" {q.answer}")
+        samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+    return samples

@@ -25,7 +25,7 @@ TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timesta
 VERBS = {"pv": "viewed", "buy": "bought", "cart": "added to cart", "fav": "favorited"}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)  # slots: millions of these sit in a spill bucket
 class Event:
     timestamp: int
     item_id: str
@@ -79,7 +79,10 @@ def _rows(path: Path, columns: tuple[str, ...], mapping: dict[str, str]) -> Iter
             except UnicodeDecodeError:
                 yield number, Rejection("not UTF-8")
                 continue
-            values = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+            if '"' in text:  # quoted fields: the csv module's rules
+                values = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+            else:  # the common case, several times faster
+                values = text.rstrip("\r\n").split(delimiter)
             if len(values) != len(names):
                 yield number, Rejection(f"{len(values)} fields, expected {len(names)}")
                 continue

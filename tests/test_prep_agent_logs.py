@@ -139,3 +139,30 @@ def test_strict_mode_and_empty_inputs_fail_clearly(base_dirs, tmp_path):
         main(["agent-logs", str(useless), "--tokenizer", base_dirs["llama"], "--output", str(tmp_path / "o"),
               "--quiet"])
     assert not (tmp_path / "o").exists()  # nothing half-written
+
+
+def test_num_proc_gives_the_same_bytes_and_max_tokens_counts_what_it_leaves_out(base_dirs, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", OPENAI, SHAREGPT, OPENAI | {"id": "run-8"})
+    for name, procs in (("one", "1"), ("two", "2")):
+        main(["agent-logs", str(path), "--tokenizer", base_dirs["llama"], "--output", str(tmp_path / name),
+              "--num-proc", procs, "--quiet"])
+    one, two = tmp_path / "one" / "data", tmp_path / "two" / "data"
+    for name in sorted(p.name for p in one.iterdir()):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    lengths = sorted(len(ids) for ids in load_from_disk(str(one))["input_ids"])
+    limit = lengths[len(lengths) // 2]
+    capsys.readouterr()
+    main(["agent-logs", str(path), "--tokenizer", base_dirs["llama"], "--output", str(tmp_path / "short"),
+          "--max-tokens", str(limit), "--quiet"])
+    kept = load_from_disk(str(tmp_path / "short" / "data"))
+    left_out = sum(1 for n in lengths if n > limit)
+    assert max(len(ids) for ids in kept["input_ids"]) <= limit and len(kept) == len(lengths) - left_out
+    assert f"({left_out} longer than --max-tokens left out)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "short" / "manifest.json").read_text())
+    assert manifest["samples_too_long"] == left_out
+
+
+def test_a_bad_tokenizer_directory_is_one_clear_line(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", OPENAI)
+    with pytest.raises(SystemExit, match=r"--tokenizer .*: not a tokenizer directory"):
+        main(["agent-logs", str(path), "--tokenizer", str(tmp_path), "--output", str(tmp_path / "o"), "--quiet"])

@@ -56,3 +56,9 @@ def test_needle_samples_ask_for_the_named_number(base_dirs, tmp_path, capsys):
         assert f"One of the special magic numbers for {word} is: {row['answer']}." in row["text"]
         trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
         assert tokenizer.decode(trained).strip() == row["answer"]
+
+
+def test_lengths_over_max_tokens_are_refused(base_dirs, tmp_path):
+    with pytest.raises(SystemExit, match="--lengths reach 4,096 tokens, over --max-tokens 2,048"):
+        main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "1k,4k", "--max-tokens", "2k",
+              "--output", str(tmp_path / "x")])

@@ -73,3 +73,21 @@ def test_cli_spills_rejects_and_is_deterministic(base_dirs, tmp_path, capsys):
     rows = load_from_disk(str(tmp_path / "one" / "data"))
     assert all(r["text"].startswith("Activity log of user") for r in rows)
     assert {r["sample_id"].split("/")[0] for r in rows} == {"1", "2"}
+
+
+def test_a_large_input_streams_in_bounded_memory(base_dirs, tmp_path):
+    """A 96 MB log (2.4M events) against a 1 MB one, each in a fresh comet-prep process: with
+    spill buckets of 8 MB the peak RSS stays within a fixed margin, where holding the events would
+    take about 6x the input (~600 MB more)."""
+    from comet_ds.bench.prep import run_prep, write_user_behavior_csv
+
+    peaks = {}
+    for megabytes in (1, 96):
+        source = tmp_path / f"events-{megabytes}.csv"
+        events = write_user_behavior_csv(source, megabytes, seed=megabytes)
+        run = run_prep(["user-behavior", str(source), "--tokenizer", base_dirs["llama"], "--bucket-mb", "8",
+                        "--max-events-per-user", "5", "--questions-per-user", "1",
+                        "--output", str(tmp_path / f"out-{megabytes}")])
+        assert run["summary"].startswith(f"read {events} events = {events} used + 0 rejected")
+        peaks[megabytes] = run["peak_rss_mib"]
+    assert peaks[96] < peaks[1] + 150, peaks

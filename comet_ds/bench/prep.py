@@ -1,0 +1,121 @@
+"""data_prep benchmark: generated raw logs through `comet-prep`, against the tokenizer's own speed.
+
+Each run is a fresh `comet-prep` process whose peak RSS is read from wait4(), so every input size is
+measured on its own. The tokenizer baseline encodes the dataset's own `text` column in batches:
+the same rendered text the command tokenised, without parsing, grouping or writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BEHAVIORS = ("pv",) * 17 + ("cart", "fav", "buy")  # about the Taobao mix: mostly page views
+EVENTS_PER_USER = 150
+AGENT_TOOLS = ("search", "weather", "calculator", "read_file", "send_email")
+
+
+def write_user_behavior_csv(path: Path, megabytes: float, seed: int = 0) -> int:
+    """Taobao-layout events (no header) up to `megabytes`; returns the event count.
+
+    Users keep ~EVENTS_PER_USER events each whatever the size, so a bigger file means more users,
+    as with real logs, and per-user work stays the same.
+    """
+    rng = random.Random(seed)
+    target, written, events = megabytes * 2**20, 0, 0
+    users = max(1, int(target / 40 / EVENTS_PER_USER))  # ~40 bytes per line
+    start = 1_511_539_200  # 2017-11-25, the Taobao data's first day
+    with open(path, "w", buffering=1 << 20) as out:
+        while written < target:
+            lines = []
+            for _ in range(10_000):
+                user = rng.randrange(users)
+                lines.append(f"{user},{rng.randrange(5_000_000)},{rng.randrange(10_000)},{rng.choice(BEHAVIORS)},"
+                             f"{start + rng.randrange(9 * 86_400)}\n")
+            block = "".join(lines)
+            out.write(block)
+            written += len(block)
+            events += len(lines)
+    return events
+
+
+def write_agent_log_jsonl(path: Path, megabytes: float, seed: int = 0) -> int:
+    """OpenAI-format trajectories with tool calls and results up to `megabytes`; returns the count."""
+    rng = random.Random(seed)
+    target, written, count = megabytes * 2**20, 0, 0
+    with open(path, "w", buffering=1 << 20) as out:
+        while written < target:
+            messages = [{"role": "system", "content": "You are a careful agent."},
+                        {"role": "user", "content": f"Task {count}: gather facts and summarise them."}]
+            for step in range(rng.randint(4, 12)):
+                tool, call_id = rng.choice(AGENT_TOOLS), f"call-{count}-{step}"
+                messages.append({"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": tool, "arguments": json.dumps({"query": f"item {rng.randrange(1000)}"})}}]})
+                result = ({"error": "timeout"} if rng.random() < 0.1 else
+                          {"result": " ".join(f"value{rng.randrange(100)}" for _ in range(rng.randint(5, 40)))})
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)})
+            messages.append({"role": "assistant", "content": f"Done: {rng.randrange(10**6)} facts gathered."})
+            line = json.dumps({"id": f"run-{count}", "messages": messages}) + "\n"
+            out.write(line)
+            written += len(line)
+            count += 1
+    return count
+
+
+def run_prep(args: list[str]) -> dict[str, float]:
+    """Run `comet-prep ARGS` in a fresh process: wall seconds and that process's peak RSS."""
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--quiet"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    stdout, stderr = process.stdout.read(), process.stderr.read()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"comet-prep {args[0]} failed:\n{stderr[-2000:]}")
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "summary": stdout.strip().splitlines()[-1]}
+
+
+def tokenizer_tokens_per_s(dataset_dir: Path, tokenizer_dir: str, batch_size: int = 256) -> float:
+    """The tokenizer alone, batch-encoding the rendered text the dataset holds."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = load_from_disk(str(dataset_dir / "data"))["text"]
+    start, tokens = time.perf_counter(), 0
+    for i in range(0, len(texts), batch_size):
+        tokens += sum(len(ids) for ids in tokenizer(texts[i:i + batch_size], add_special_tokens=False).input_ids)
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_one(kind: str, source: Path, tokenizer_dir: str, workdir: Path, num_proc: int) -> dict[str, Any]:
+    out = workdir / f"{source.stem}-dataset"
+    # one question per history and 100 events at most: the output stays ~1 token per input byte
+    extra = ["--questions-per-user", "1", "--max-events-per-user", "100"] if kind == "user-behavior" else []
+    run = run_prep([kind, str(source), "--tokenizer", tokenizer_dir, "--output", str(out),
+                    "--num-proc", str(num_proc), *extra])
+    manifest = json.loads((out / "manifest.json").read_text())
+    megabytes = source.stat().st_size / 2**20
+    row = {"command": kind, "input_mb": round(megabytes, 1), "samples": manifest["samples"],
+           "tokens": manifest["tokens"]["total"], "seconds": round(run["seconds"], 1),
+           "mb_per_s": round(megabytes / run["seconds"], 2),
+           "tokens_per_s": round(manifest["tokens"]["total"] / run["seconds"]),
+           "tokenizer_tokens_per_s": round(tokenizer_tokens_per_s(out, tokenizer_dir)),
+           "peak_rss_mib": round(run["peak_rss_mib"]), "num_proc": num_proc}
+    row["fraction_of_tokenizer"] = round(row["tokens_per_s"] / row["tokenizer_tokens_per_s"], 3)
+    return row
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (f"  {row['command']:<13} {row['input_mb']:>7,.1f} MB  {row['samples']:>7,} samples  "
+            f"{row['tokens']:>12,} tokens  {row['seconds']:>7,.1f} s  {row['mb_per_s']:>6.2f} MB/s  "
+            f"{row['tokens_per_s']:>9,} tok/s = {row['fraction_of_tokenizer']:.0%} of the tokenizer's "
+            f"{row['tokenizer_tokens_per_s']:,}  peak {row['peak_rss_mib']:>5,} MiB")
