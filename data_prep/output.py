@@ -70,7 +70,6 @@ class DatasetWriter:
         self.keep_rejects = keep_rejects
         self.samples = self.tokens = self.trained_tokens = self.rejected = 0
         self.shortest, self.longest = None, 0
-        self.first_reject: dict[str, Any] | None = None
         self.manifest: dict[str, Any] | None = None
         self._rows: ArrowWriter | None = None
 
@@ -82,10 +81,8 @@ class DatasetWriter:
         return self
 
     def reject(self, file: str, line: int, reason: str) -> None:
-        record = {"file": file, "line": line, "reason": reason}
         self.rejected += 1
-        self.first_reject = self.first_reject or record
-        self._rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._rejects.write(json.dumps({"file": file, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
 
     def add(self, row: dict[str, Any]) -> None:
         if self._rows is None:  # the first row fixes the schema
