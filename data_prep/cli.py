@@ -28,7 +28,7 @@ manifest.json beside the data).
 """
 
 
-def _load_tokenizer(args: argparse.Namespace) -> None:
+def _check_tokenizer(args: argparse.Namespace) -> None:
     """Fail here, with one line, on a bad --tokenizer: a worker process failing to load it would not."""
     from transformers import AutoTokenizer
 
@@ -79,7 +79,7 @@ def cmd_retrieval(args: argparse.Namespace) -> None:
     if args.max_tokens and max(args.lengths) > args.max_tokens:
         raise SystemExit(f"comet-prep {args.command}: --lengths reach {max(args.lengths):,} tokens, over "
                          f"--max-tokens {args.max_tokens:,}")
-    _load_tokenizer(args)
+    _check_tokenizer(args)
     rng = random.Random(args.seed)  # one seed per sample: the same samples at any --num-proc
     cells = itertools.product(args.lengths, args.depths, range(args.samples_per_cell))
     tasks = [(i, args.command, length, depth, rng.randrange(2**63)) for i, (length, depth, _) in enumerate(cells)]
@@ -98,7 +98,7 @@ def cmd_agent_logs(args: argparse.Namespace) -> None:
     from data_prep.agent_logs import Rejection, read_trajectories
 
     inputs = _inputs(args)
-    _load_tokenizer(args)
+    _check_tokenizer(args)
     job = functools.partial(jobs.trajectory_rows, kinds=tuple(args.kinds), questions_per_log=args.questions_per_log,
                             seed=args.seed, max_tokens=args.max_tokens)
     with DatasetWriter(args.output, args.tokenizer) as writer, \
@@ -133,7 +133,7 @@ def cmd_user_behavior(args: argparse.Namespace) -> None:
 
     mapping = dict(pair.split("=", 1) for pair in args.columns.split(",")) if args.columns else {}
     inputs = _inputs(args)
-    _load_tokenizer(args)
+    _check_tokenizer(args)
     buckets = max(1, math.ceil(sum(p.stat().st_size for p in inputs) / 2**20 / args.bucket_mb))
     job = functools.partial(jobs.user_rows, questions_per_user=args.questions_per_user, seed=args.seed,
                             max_tokens=args.max_tokens)

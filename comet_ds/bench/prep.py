@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -70,17 +71,21 @@ def write_agent_log_jsonl(path: Path, megabytes: float, seed: int = 0) -> int:
 
 
 def run_prep(args: list[str]) -> dict[str, float]:
-    """Run `comet-prep ARGS` in a fresh process: wall seconds and that process's peak RSS."""
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stdout, stderr = process.stdout.read(), process.stderr.read()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"comet-prep {args[0]} failed:\n{stderr[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "summary": stdout.strip().splitlines()[-1]}
+    """Run `comet-prep ARGS` in a fresh process: wall seconds and that process's peak RSS.
+
+    Its output goes to files, not pipes: wait4() must not wait on a child blocked on a full pipe.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--quiet"], stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"comet-prep {args[0]} failed:\n{err.read()[-2000:]}")
+        summary = out.read().strip().splitlines()[-1]
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "summary": summary}
 
 
 def tokenizer_tokens_per_s(dataset_dir: Path, tokenizer_dir: str, batch_size: int = 256) -> float:

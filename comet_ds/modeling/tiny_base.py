@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import random
 import tempfile
 import time
@@ -33,6 +32,8 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from comet_ds.train.optim import warmup_cosine
 
 ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
                  "qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
@@ -108,13 +109,11 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
     text = " ".join(synthetic_corpus(num_lines=lines, seed=seed + 1))
     ids = tokenizer(text, add_special_tokens=False).input_ids
     rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
-    warmup = max(1, steps // 20)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, steps // 20), steps))
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    start, first, losses = time.perf_counter(), None, []
+    start, losses = time.perf_counter(), []
     bar = tqdm(range(steps), desc="pretraining the tiny base", unit="step", disable=not progress)
     for _ in bar:
         batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
@@ -124,12 +123,11 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        first = loss.item() if first is None else first
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     tail = losses[-max(1, steps // 10):]
-    return {"steps": steps, "tokens": steps * batch_size * seq_len, "first_loss": first,
+    return {"steps": steps, "tokens": steps * batch_size * seq_len, "first_loss": losses[0],
             "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
 
 
