@@ -7,6 +7,7 @@ rest of data_prep works on trajectories only, whatever file format they came fro
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,17 @@ class Trajectory:
     steps: list[Step]
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON escapes of surrogates, paired or not
+
+
+def _lone_surrogate(record: dict) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict | Rejection]]:
     """(line number, record or rejection) for every non-blank line; bad bytes or JSON are rejections."""
     with open(path, "rb") as handle:
@@ -58,7 +70,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict | Rejection]]:
             except json.JSONDecodeError as err:
                 yield number, Rejection(f"bad JSON: {err.msg} at column {err.colno}")
                 continue
-            yield number, record if isinstance(record, dict) else Rejection("not a JSON object")
+            if not isinstance(record, dict):
+                yield number, Rejection("not a JSON object")
+            elif _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(record):  # no tokenizer takes one
+                yield number, Rejection("a string holds a lone UTF-16 surrogate")
+            else:
+                yield number, record
 
 
 def detect_format(record: dict) -> str | None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from transformers import PreTrainedTokenizerBase
-
 from data_prep.agent_logs import Step, ToolCall, Trajectory
-from data_prep.qa import IGNORE_INDEX, Question, encode
+from data_prep.qa import IGNORE_INDEX, Question
+from data_prep.tokens import TextEncoder
 
 
 def ordinal(n: int) -> str:
@@ -77,21 +76,20 @@ def questions(trajectory: Trajectory) -> list[Question]:
     return out
 
 
-def sft_sample(tokenizer: PreTrainedTokenizerBase, trajectory: Trajectory) -> tuple[list[int], list[int]]:
+def sft_sample(tokenizer: TextEncoder, trajectory: Trajectory) -> tuple[list[int], list[int]]:
     """The trajectory as a transcript in which the assistant's words and tool calls are trained."""
-    ids: list[int] = []
-    labels: list[int] = []
+    pieces: list[tuple[str, bool]] = []  # (text, trained), tokenised separately so labels align exactly
     for number, step in enumerate(trajectory.steps, 1):
         if step.role != "assistant":
-            piece = encode(tokenizer, render_step(number, step) + "\n")
-            ids += piece
-            labels += [IGNORE_INDEX] * len(piece)
+            pieces.append((render_step(number, step) + "\n", False))
             continue
         parts = ([(":", step.content)] if step.content or not step.tool_calls else []) + \
                 [("", f"calls {_call_text(call)}") for call in step.tool_calls]
         for separator, text in parts:  # the same lines as render_step, the assistant's words trained
-            head = encode(tokenizer, f"[step {number}] assistant{separator}")
-            body = encode(tokenizer, f" {text}\n")
-            ids += head + body
-            labels += [IGNORE_INDEX] * len(head) + body
+            pieces += [(f"[step {number}] assistant{separator}", False), (f" {text}\n", True)]
+    ids: list[int] = []
+    labels: list[int] = []
+    for (_, trained), piece in zip(pieces, tokenizer.encode_batch([text for text, _ in pieces])):
+        ids += piece
+        labels += piece if trained else [IGNORE_INDEX] * len(piece)
     return ids, labels

@@ -30,11 +30,11 @@ manifest.json beside the data).
 
 def _check_tokenizer(args: argparse.Namespace) -> None:
     """Fail here, with one line, on a bad --tokenizer: a worker process failing to load it would not."""
-    from transformers import AutoTokenizer
+    from data_prep.tokens import TextEncoder
 
     try:
-        AutoTokenizer.from_pretrained(args.tokenizer)
-    except (OSError, ValueError) as err:
+        TextEncoder(args.tokenizer)
+    except Exception as err:  # tokenizers raises a bare Exception on a damaged file
         raise SystemExit(f"comet-prep {args.command}: --tokenizer {args.tokenizer}: not a tokenizer "
                          f"directory ({str(err).splitlines()[0]})") from None
 
@@ -144,11 +144,13 @@ def cmd_user_behavior(args: argparse.Namespace) -> None:
             for path in inputs:
                 for line, item in read_events(path, mapping):
                     read += 1
-                    progress.update(1)
                     if isinstance(item, Rejection):
                         _reject(writer, args, path, line, item)
                     else:
                         spill.add(*item)
+                    if not read % 10_000:  # a bar update per event would cost more than the parsing
+                        progress.update(read - progress.n)
+            progress.update(read - progress.n)
         keep = args.max_events_per_user
         histories = ((user, events[-keep:] if keep else events) for user, events in spill.users())
         results = ordered_map(job, histories, args.num_proc, args.tokenizer)
@@ -168,7 +170,8 @@ def _shared_options(p: argparse.ArgumentParser) -> None:
                    help="leave out samples longer than this, e.g. 32k (counted in the summary)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-proc", type=int, default=1,
-                   help="processes that render and tokenise (default: 1); the output is the same for any value")
+                   help="processes that render and tokenise (default: 1, which tokenises on a thread beside "
+                        "the reading one); the output is the same for any value")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
 

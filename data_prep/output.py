@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
@@ -72,6 +74,7 @@ class DatasetWriter:
         self.shortest, self.longest = None, 0
         self.manifest: dict[str, Any] | None = None
         self._rows: ArrowWriter | None = None
+        self._pending: list[dict[str, Any]] = []
 
     def __enter__(self) -> DatasetWriter:
         self._scratch_context = atomic_directory(self.output)
@@ -87,20 +90,40 @@ class DatasetWriter:
     def add(self, row: dict[str, Any]) -> None:
         if self._rows is None:  # the first row fixes the schema
             self.features = row_features(row)
-            self._rows = ArrowWriter(features=self.features, path=str(self.scratch / "data" / SHARD),
-                                     writer_batch_size=self.batch_rows)
+            self._schema = self.features.arrow_schema
+            self._rows = ArrowWriter(features=self.features, path=str(self.scratch / "data" / SHARD))
+        row = {**row, **{name: np.asarray(row[name], dtype=np.int32) for name in TOKEN_COLUMNS}}
         length = len(row["input_ids"])
         self.samples += 1
         self.tokens += length
-        self.trained_tokens += length - row["labels"].count(-100)
+        self.trained_tokens += int(np.count_nonzero(row["labels"] != -100))
         self.shortest = length if self.shortest is None else min(self.shortest, length)
         self.longest = max(self.longest, length)
-        self._rows.write(row)
+        self._pending.append(row)
+        if len(self._pending) == self.batch_rows:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """One Arrow record batch; token columns go in as one buffer each (pyarrow converts Python
+        int lists element by element, ~10x slower)."""
+        columns = {}
+        for name, feature in self.features.items():
+            values = [row[name] for row in self._pending]
+            if name in TOKEN_COLUMNS:
+                offsets = np.zeros(len(values) + 1, dtype=np.int32)
+                np.cumsum([len(v) for v in values], out=offsets[1:])
+                columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(values)))
+            else:
+                columns[name] = pa.array(values, type=feature.pa_type)
+        self._rows.write_table(pa.table(columns, schema=self._schema))  # the writer's schema: no cast
+        self._pending.clear()
 
     def finish(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal the dataset and manifest; they appear at `output` when the block exits."""
         if self._rows is None:
             raise ValueError("no samples to write")
+        if self._pending:
+            self._write_pending()
         self._rows.finalize()
         self._rows.close()
         self._rejects.close()

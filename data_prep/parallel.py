@@ -8,44 +8,59 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import TypeVar
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from data_prep.tokens import TextEncoder
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
-_tokenizer: PreTrainedTokenizerBase | None = None
+_tokenizer: TextEncoder | None = None
 
 
 def load_worker_tokenizer(tokenizer_dir: str) -> None:
     global _tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; the processes are the parallelism
-    _tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per encoding call; threads and processes are ours
+    _tokenizer = TextEncoder(tokenizer_dir)
 
 
-def worker_tokenizer() -> PreTrainedTokenizerBase:
+def worker_tokenizer() -> TextEncoder:
     if _tokenizer is None:
         raise RuntimeError("load_worker_tokenizer() has not run in this process")
     return _tokenizer
 
 
+def _windows(items: Iterable[In], size: int) -> Iterator[list[In]]:
+    items = iter(items)
+    while window := list(islice(items, size)):
+        yield window
+
+
 def ordered_map(fn: Callable[[In], Out], items: Iterable[In], num_proc: int, tokenizer_dir: str,
                 chunksize: int = 16) -> Iterator[Out]:
-    """fn over items in input order, on `num_proc` processes (1: in this process).
+    """fn over items in input order, on `num_proc` processes.
 
-    Items are handed out a window at a time: Pool.imap alone would read the whole input ahead of
-    the workers, and the input may be larger than memory.
+    With one process, fn runs on two threads of this one: the tokenizer releases the GIL while it
+    encodes, so one thread tokenises while the other (and the caller, reading input) runs Python.
+    Either way only a window of items is in flight: Pool.imap alone would read the whole input
+    ahead of the workers, and the input may be larger than memory.
     """
     if num_proc <= 1:
         load_worker_tokenizer(tokenizer_dir)
-        yield from map(fn, items)
+        with ThreadPoolExecutor(2) as threads:
+            pending: deque[Future[Out]] = deque()
+            for item in items:
+                pending.append(threads.submit(fn, item))
+                if len(pending) >= 4 * chunksize:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         return
-    window = num_proc * chunksize * 4
     context = multiprocessing.get_context("spawn")  # no forked copies of tokenizer threads or open files
     with context.Pool(num_proc, initializer=load_worker_tokenizer, initargs=(tokenizer_dir,)) as pool:
-        items = iter(items)
-        while batch := list(islice(items, window)):
-            yield from pool.imap(fn, batch, chunksize)
+        for window in _windows(items, num_proc * chunksize * 4):
+            yield from pool.imap(fn, window, chunksize)

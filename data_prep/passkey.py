@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from itertools import cycle, islice
 
-from transformers import PreTrainedTokenizerBase
+from data_prep.tokens import Encoder
 
 IGNORE_INDEX = -100
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -38,13 +38,13 @@ class PasskeySample:
     depth: float
 
 
-def _hidden_fact(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, instruction: str, filler: str,
+def _hidden_fact(tokenizer: Encoder, length: int, depth: float, instruction: str, filler: str,
                  fact: str, question: str, answer: str, kind: str) -> tuple[list[int], list[int]]:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be within [0, 1] (got {depth})")
 
     def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer.encode(text, add_special_tokens=False)
 
     head, filler_ids, fact_ids = encode(instruction), encode(" " + filler), encode(" " + fact)
     question_ids, answer_ids = encode(" " + question), encode(" " + answer)
@@ -65,7 +65,7 @@ def _hidden_fact(tokenizer: PreTrainedTokenizerBase, length: int, depth: float, 
     return ids, labels
 
 
-def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
+def passkey_sample(tokenizer: Encoder, length: int, depth: float,
                    rng: random.Random, with_text: bool = True) -> PasskeySample:
     """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end).
 
@@ -78,7 +78,7 @@ def passkey_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float
     return PasskeySample(ids, labels, tokenizer.decode(ids) if with_text else "", key, depth)
 
 
-def needle_sample(tokenizer: PreTrainedTokenizerBase, length: int, depth: float,
+def needle_sample(tokenizer: Encoder, length: int, depth: float,
                   rng: random.Random) -> PasskeySample:
     """RULER-style single needle: a 7-digit magic number for a named key, asked back by that name."""
     word, key = rng.choice(NEEDLE_WORDS), str(rng.randint(1_000_000, 9_999_999))

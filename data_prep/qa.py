@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import random
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from transformers import PreTrainedTokenizerBase
+import numpy as np
+
+from data_prep.tokens import TextEncoder
 
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class Question:
+class Question(NamedTuple):  # a tuple: a history yields dozens of candidates, most never asked
     kind: str
     question: str
     answer: str
@@ -35,26 +36,25 @@ def pick_questions(candidates: list[Question], per_sample: int, key: str, seed: 
     return picked
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def qa_text(context: str, question: Question) -> str:
     """The rendered sample: context, question, answer."""
     return f"{context}\nQuestion: {question.question}\nAnswer: {question.answer}"
 
 
-def qa_samples(tokenizer: PreTrainedTokenizerBase, context: str,
-               questions: list[Question]) -> list[tuple[list[int], list[int]]]:
+def qa_samples(tokenizer: TextEncoder, context: str, questions: list[Question]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, labels) per question: context, question and answer, only the answer's tokens trained.
 
     The context is tokenised once and shared by the questions (it is most of every sample); the
-    question and the answer are tokenised as their own pieces.
+    question and the answer are tokenised as their own pieces, all in one batch.
     """
-    context_ids = encode(tokenizer, context)
-    samples = []
+    pieces = [context]
     for q in questions:
-        prompt = context_ids + encode(tokenizer, f"\nQuestion: {q.question}\nAnswer:")
-        answer = encode(tokenizer, f" {q.answer}")
-        samples.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
+        pieces += [f"\nQuestion: {q.question}\nAnswer:", f" {q.answer}"]
+    context_ids, *encoded = (np.array(ids, dtype=np.int32) for ids in tokenizer.encode_batch(pieces))
+    samples = []
+    for question_ids, answer in zip(encoded[::2], encoded[1::2]):
+        ids = np.concatenate([context_ids, question_ids, answer])
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        labels[len(ids) - len(answer):] = answer
+        samples.append((ids, labels))
     return samples

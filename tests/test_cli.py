@@ -56,3 +56,15 @@ def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
     assert (tmp_path / "demo" / "train" / "mlflow.db").is_file()
     assert (tmp_path / "demo" / "merged" / "model.safetensors").is_file()
     assert "MLflow store:" in done.stdout
+
+
+def test_bench_prep_measures_comet_prep_against_the_tokenizer(base_dirs, tmp_path, capsys):
+    main(["bench", "prep", "--user-behavior-mb", "0.3", "--agent-logs-mb", "0.2", "--tokenizer", base_dirs["llama"],
+          "--workdir", str(tmp_path), "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["command"] for r in rows] == ["user-behavior", "agent-logs"]
+    for row in rows:
+        assert row["samples"] > 0 and row["peak_rss_mib"] > 0
+        assert row["tokenizer_tokens_per_s"] > 0 and row["tokenizer_one_thread_tokens_per_s"] > 0
+        assert row["fraction_of_tokenizer"] == round(row["tokens_per_s"] / row["tokenizer_tokens_per_s"], 3)
+    assert "of its one-thread" in capsys.readouterr().out

@@ -86,6 +86,7 @@ def test_questions_have_the_answers_of_the_log(tmp_path):
         (b'{"messages": []}', "messages is missing or empty"),
         (b'{"messages": [{"role": "tool", "tool_call_id": "x", "content": "r"}]}', "tool result without a matching"),
         (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not UTF-8"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone UTF-16 surrogate"),
         (b'{"text": "hello"}', "not an agent log record"),
         (b'[1, 2]', "not a JSON object"),
     ],

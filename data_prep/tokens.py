@@ -1,0 +1,59 @@
+"""The tokenizer as comet-prep uses it: text → token ids without special tokens, one text or a batch.
+
+A fast tokenizer's own `tokenizer.json` is loaded with the `tokenizers` library alone. Going through
+transformers would import torch, seconds of start-up in every comet-prep process and worker for
+nothing the ids need. Anything else (a sentencepiece model without tokenizer.json, a tokenizer that
+post-processes decoded text) loads through AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+
+class Encoder(Protocol):
+    """What sample builders need of a tokenizer; a transformers tokenizer is one too."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class TextEncoder:
+    """A local tokenizer directory's encoder. `encode_batch` releases the GIL while it runs, so a
+    thread can tokenise while another renders the next samples."""
+
+    def __init__(self, tokenizer_dir: str | Path):
+        directory = Path(tokenizer_dir)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} is not a directory")
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._fast = self._slow = None
+        if (directory / "tokenizer.json").is_file() and not config.get("clean_up_tokenization_spaces"):
+            from tokenizers import Tokenizer
+
+            self._fast = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            self._slow = AutoTokenizer.from_pretrained(str(directory))
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._slow.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, without special tokens."""
+        if self._fast is not None:
+            return [e.ids for e in self._fast.encode_batch(list(texts), add_special_tokens=False)]
+        return self._slow(list(texts), add_special_tokens=False).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast.decode(ids, skip_special_tokens=False)
+        return self._slow.decode(ids)
