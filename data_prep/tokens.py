@@ -2,8 +2,8 @@
 
 A fast tokenizer's own `tokenizer.json` is loaded with the `tokenizers` library alone. Going through
 transformers would import torch, seconds of start-up in every comet-prep process and worker for
-nothing the ids need. Anything else (a sentencepiece model without tokenizer.json, a tokenizer that
-post-processes decoded text) loads through AutoTokenizer.
+nothing the ids need. Anything else (a sentencepiece model without tokenizer.json, a config whose
+settings transformers applies on top of the file) loads through AutoTokenizer.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class TextEncoder:
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._fast = self._slow = None
-        if (directory / "tokenizer.json").is_file() and not config.get("clean_up_tokenization_spaces"):
+        # settings with which transformers alters the file's pipeline or the decoded text at load time
+        adjusted = config.get("clean_up_tokenization_spaces") or any(
+            config.get(key) is not None for key in ("add_prefix_space", "legacy"))
+        if (directory / "tokenizer.json").is_file() and not adjusted:
             from tokenizers import Tokenizer
 
             self._fast = Tokenizer.from_file(str(directory / "tokenizer.json"))

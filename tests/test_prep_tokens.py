@@ -24,3 +24,15 @@ def test_a_damaged_tokenizer_file_is_one_clear_line(base_dirs, tmp_path):
     (broken / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(SystemExit, match=r"--tokenizer .*: not a tokenizer directory \("):
         main(["passkey", "--tokenizer", str(broken), "--lengths", "300", "--output", str(tmp_path / "o")])
+
+
+def test_settings_transformers_applies_at_load_take_the_transformers_path(base_dirs, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "tok"
+    shutil.copytree(base_dirs["llama"], copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))  # changes ids
+    reference = AutoTokenizer.from_pretrained(copy)
+    assert TextEncoder(copy).encode_batch(TEXTS) == [reference(t, add_special_tokens=False).input_ids for t in TEXTS]
