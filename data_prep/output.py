@@ -14,6 +14,7 @@ from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
 from comet_ds.fs import atomic_directory
+from data_prep.qa import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
 SHARD = "data-00000-of-00001.arrow"
@@ -96,7 +97,7 @@ class DatasetWriter:
         length = len(row["input_ids"])
         self.samples += 1
         self.tokens += length
-        self.trained_tokens += int(np.count_nonzero(row["labels"] != -100))
+        self.trained_tokens += int(np.count_nonzero(row["labels"] != IGNORE_INDEX))
         self.shortest = length if self.shortest is None else min(self.shortest, length)
         self.longest = max(self.longest, length)
         self._pending.append(row)

@@ -34,12 +34,6 @@ def worker_tokenizer() -> TextEncoder:
     return _tokenizer
 
 
-def _windows(items: Iterable[In], size: int) -> Iterator[list[In]]:
-    items = iter(items)
-    while window := list(islice(items, size)):
-        yield window
-
-
 def ordered_map(fn: Callable[[In], Out], items: Iterable[In], num_proc: int, tokenizer_dir: str,
                 chunksize: int = 16) -> Iterator[Out]:
     """fn over items in input order, on `num_proc` processes.
@@ -62,5 +56,6 @@ def ordered_map(fn: Callable[[In], Out], items: Iterable[In], num_proc: int, tok
         return
     context = multiprocessing.get_context("spawn")  # no forked copies of tokenizer threads or open files
     with context.Pool(num_proc, initializer=load_worker_tokenizer, initargs=(tokenizer_dir,)) as pool:
-        for window in _windows(items, num_proc * chunksize * 4):
+        items = iter(items)
+        while window := list(islice(items, num_proc * chunksize * 4)):
             yield from pool.imap(fn, window, chunksize)

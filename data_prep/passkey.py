@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass
 from itertools import cycle, islice
 
+from data_prep.qa import IGNORE_INDEX
 from data_prep.tokens import Encoder
 
-IGNORE_INDEX = -100
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
