@@ -7,7 +7,7 @@ import json
 from collections import Counter
 
 from data_prep.agent_logs import Step, ToolCall, Trajectory
-from data_prep.qa import IGNORE_INDEX, Question
+from data_prep.qa import IGNORE_INDEX, Question, QuestionPools, pools_by_kind
 from data_prep.tokens import TextEncoder
 
 
@@ -46,7 +46,7 @@ def render(trajectory: Trajectory) -> str:
     return "\n".join(render_step(i, step) for i, step in enumerate(trajectory.steps, 1)) + "\n"
 
 
-def questions(trajectory: Trajectory) -> list[Question]:
+def questions(trajectory: Trajectory) -> QuestionPools:
     """Every question this trajectory can answer, with its answer computed from the steps."""
     calls = [call for step in trajectory.steps for call in step.tool_calls]
     results = {step.tool_call_id: step.content for step in trajectory.steps if step.role == "tool"}
@@ -73,7 +73,7 @@ def questions(trajectory: Trajectory) -> list[Question]:
                   and not s.tool_calls), None)
     if final:
         out.append(Question("final_answer", "What was the agent's final answer?", final.strip()))
-    return out
+    return pools_by_kind(out)
 
 
 def sft_sample(tokenizer: TextEncoder, trajectory: Trajectory) -> tuple[list[int], list[int]]:

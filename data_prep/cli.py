@@ -128,7 +128,6 @@ def cmd_agent_logs(args: argparse.Namespace) -> None:
 
 def cmd_user_behavior(args: argparse.Namespace) -> None:
     from data_prep import jobs
-    from data_prep.agent_logs import Rejection
     from data_prep.user_behavior import UserBuckets, read_events, spill_directory
 
     mapping = dict(pair.split("=", 1) for pair in args.columns.split(",")) if args.columns else {}
@@ -142,17 +141,15 @@ def cmd_user_behavior(args: argparse.Namespace) -> None:
         read = 0
         with tqdm(unit=" events", disable=args.quiet) as progress:
             for path in inputs:
-                for line, item in read_events(path, mapping):
-                    read += 1
-                    if isinstance(item, Rejection):
-                        _reject(writer, args, path, line, item)
+                for item in read_events(path, mapping):
+                    if isinstance(item, tuple):
+                        read += 1
+                        _reject(writer, args, path, *item)
                     else:
-                        spill.add(*item)
-                    if not read % 10_000:  # a bar update per event would cost more than the parsing
-                        progress.update(read - progress.n)
-            progress.update(read - progress.n)
-        keep = args.max_events_per_user
-        histories = ((user, events[-keep:] if keep else events) for user, events in spill.users())
+                        read += item.num_rows
+                        spill.add(item)
+                    progress.update(read - progress.n)
+        histories = spill.histories(args.max_events_per_user)
         results = ordered_map(job, histories, args.num_proc, args.tokenizer)
         too_long = _add_rows(writer, tqdm(results, unit=" users", disable=args.quiet))
         summary = _summary("events", read, writer, too_long)

@@ -19,7 +19,8 @@ from data_prep.agent_samples import render, sft_sample
 from data_prep.parallel import worker_tokenizer
 from data_prep.passkey import needle_sample, passkey_sample
 from data_prep.qa import Question, pick_questions, qa_samples, qa_text
-from data_prep.user_behavior import Event, render_history
+from data_prep.tokens import int32_array
+from data_prep.user_behavior import History
 from data_prep.user_behavior import questions as history_questions
 
 Row = dict[str, Any]
@@ -34,8 +35,12 @@ def _row(ids: Sequence[int], labels: Sequence[int], max_tokens: int | None, text
     """
     if max_tokens and len(ids) > max_tokens:
         return None
-    return {"input_ids": np.asarray(ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int32), **fields,
+    return {"input_ids": _int32(ids), "labels": _int32(labels), **fields,
             "text": worker_tokenizer().decode(list(ids)) if text is None else text}
+
+
+def _int32(ids: Sequence[int]) -> np.ndarray:
+    return ids if isinstance(ids, np.ndarray) else int32_array(ids)
 
 
 def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:
@@ -67,9 +72,7 @@ def trajectory_rows(record: Trajectory, kinds: tuple[str, ...], questions_per_lo
     return rows
 
 
-def user_rows(history: tuple[str, list[Event]], questions_per_user: int, seed: int,
-              max_tokens: int | None) -> list[Row | None]:
+def user_rows(history: History, questions_per_user: int, seed: int, max_tokens: int | None) -> list[Row | None]:
     """QA rows about one user's event history."""
-    user, events = history
-    picked = pick_questions(history_questions(events), questions_per_user, user, seed)
-    return _qa_rows(render_history(user, events), picked, "user-behavior", user, max_tokens)
+    picked = pick_questions(history_questions(history), questions_per_user, history.user, seed)
+    return _qa_rows(history.text, picked, "user-behavior", history.user, max_tokens)

@@ -9,9 +9,18 @@ settings transformers applies on top of the file) loads through AutoTokenizer.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
+
+
+def int32_array(ids: Sequence[int]) -> np.ndarray:
+    """Token ids as a read-only int32 array. struct packs a list of Python ints about three times as
+    fast as numpy converts one, and that conversion is a good part of comet-prep's Python work."""
+    return np.frombuffer(struct.pack(f"{len(ids)}i", *ids), dtype=np.int32)
 
 
 class Encoder(Protocol):
@@ -53,7 +62,8 @@ class TextEncoder:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text, without special tokens."""
         if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(list(texts), add_special_tokens=False)]
+            # the _fast variant skips character offsets, which we never read: about twice the speed
+            return [e.ids for e in self._fast.encode_batch_fast(list(texts), add_special_tokens=False)]
         return self._slow(list(texts), add_special_tokens=False).input_ids
 
     def decode(self, ids: list[int]) -> str:

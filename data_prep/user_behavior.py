@@ -1,7 +1,10 @@
 """User-behaviour event logs (CSV, TSV, JSONL; Taobao UserBehavior layout by default) → per-user histories.
 
-Reading streams: events are parsed line by line and spilled into bucket files by user, so memory is
-bounded by one bucket, not by the input; each bucket is then grouped by user and ordered by time.
+Events travel as Arrow record batches: well-formed CSV/TSV blocks are parsed by Arrow's CSV reader,
+and only blocks that need the per-line rules (quotes, carriage returns, control or non-ASCII bytes,
+damage of any kind) go through Python, which turns each bad line into a rejection. Batches are
+spilled into bucket files by user, so memory is bounded by one bucket, not by the input; each bucket
+is then sorted by user and time and rendered with Arrow's compute kernels.
 """
 
 from __future__ import annotations
@@ -9,53 +12,70 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
-import gc
+import functools
 import io
 import math
 import re
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import csv as pa_csv
+
 from data_prep.agent_logs import Rejection, read_jsonl
-from data_prep.qa import Question
+from data_prep.qa import LazyPool, Question, QuestionPools
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 VERBS = {"pv": "viewed", "buy": "bought", "cart": "added to cart", "fav": "favorited"}
+EVENT_SCHEMA = pa.schema([("user", pa.string()), ("timestamp", pa.int64()), ("item", pa.string()),
+                          ("category", pa.string()), ("behavior", pa.string())])
+_SORT_KEYS = [(name, "ascending") for name in EVENT_SCHEMA.names]  # a user's events in time order
+_END_OF_TIME = 253_402_300_800  # 10000-01-01: from here on a time cannot be written as a date
+_LARGEST_SECONDS = 100_000_000_000  # larger numbers are milliseconds (this is year 5138 in seconds)
+_PACKED_USERS = 1 << 25  # below this many users in a bucket, (user rank, time) packs into one int64
+_BLOCK_BYTES = 1 << 22
+_BATCH_EVENTS = 1 << 16
+# Bytes whose rules Arrow's reader does not share with the per-line path: quoting, '\r' (a line end
+# to Arrow, not to us), control characters and non-ASCII (which str.strip treats as whitespace).
+_NEEDS_PER_LINE_RULES = re.compile(rb'["\r\x00-\x08\x0b-\x1f\x80-\xff]')
 
 
-class Event(NamedTuple):
-    """One event; a plain tuple underneath, so sorting a history compares in C."""
+class History(NamedTuple):
+    """One user's events in time order, as columns, and the log rendered from them."""
 
-    timestamp: int
-    item_id: str
-    category_id: str
-    behavior: str
-
-
-def _event(fields: tuple[int, str, str, str]) -> Event:
-    """Event(*fields) without NamedTuple's Python-level __new__, which costs more than parsing the line."""
-    return tuple.__new__(Event, fields)
+    user: str
+    text: str
+    timestamps: list[int]
+    items: list[str]
+    categories: list[str]
+    behaviors: list[str]
 
 
 def _timestamp(text: str) -> int:
     if text.isdecimal():  # the common case: seconds or milliseconds since the epoch
         number = int(text)
-        return number // 1000 if number > 1e11 else number
-    try:
-        number = float(text)
-    except ValueError:
+        number = number // 1000 if number > _LARGEST_SECONDS else number
+    else:
         try:
-            return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+            number = float(text)
         except ValueError:
-            raise Rejection(f"bad timestamp {text[:30]!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise Rejection(f"bad timestamp {text[:30]!r}")
-    return int(number / 1000) if number > 1e11 else int(number)  # milliseconds → seconds
+            try:
+                return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                raise Rejection(f"bad timestamp {text[:30]!r}") from None
+        if not math.isfinite(number) or number < 0:
+            raise Rejection(f"bad timestamp {text[:30]!r}")
+        number = int(number / 1000) if number > _LARGEST_SECONDS else int(number)
+    if not 0 <= number < _END_OF_TIME:
+        raise Rejection(f"timestamp {text[:30]!r} is outside the years 1970 to 9999")
+    return number
 
 
 _DAYS: dict[int, str] = {}
@@ -71,72 +91,153 @@ def format_time(timestamp: int) -> str:
     return f"{date} {hour:02d}:{second // 60:02d}:{second % 60:02d}"
 
 
-def _rows(path: Path, columns: tuple[str, ...],
-          mapping: dict[str, str]) -> Iterator[tuple[int, list[str | None] | Rejection]]:
-    """(line, the values of `columns` in order as stripped strings, or a rejection); CSV/TSV with or
-    without a header, or JSONL objects. A value is None where the record lacks the field."""
-    wanted = [mapping.get(c, c) for c in columns]
+class _EventBuffer:
+    """Events that passed the per-line rules, gathered into record batches."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, int, str, str, str]] = []
+
+    def add(self, values: list[str | None], names: list[str]) -> Rejection | None:
+        if None in values or "" in values:  # absent or blank
+            return Rejection(f"missing {names[next(i for i, v in enumerate(values) if not v)]!r}")
+        user, item, category, behavior, stamp = values
+        try:
+            self.rows.append((user, _timestamp(stamp), item, category, behavior))
+        except Rejection as err:
+            return err
+        return None
+
+    def take(self, at_least: int = 1) -> pa.RecordBatch | None:
+        if len(self.rows) < at_least or not self.rows:
+            return None
+        batch = pa.RecordBatch.from_arrays([pa.array(column, type=field.type) for column, field in
+                                            zip(zip(*self.rows), EVENT_SCHEMA)], schema=EVENT_SCHEMA)
+        self.rows = []
+        return batch
+
+
+Item = pa.RecordBatch | tuple[int, Rejection]
+
+
+def _per_line(lines: Iterable[tuple[int, bytes]], delimiter: str, width: int, order: list[int | None],
+              names: list[str]) -> Iterator[Item]:
+    """The per-line rules: every bad line becomes a rejection with its line number."""
+    buffer = _EventBuffer()
+    for number, raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, Rejection("not UTF-8")
+            continue
+        if '"' in text:  # quoted fields: the csv module's rules
+            values = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+        else:
+            values = text.rstrip("\r\n").split(delimiter)
+        if len(values) != width:
+            yield number, Rejection(f"{len(values)} fields, expected {width}")
+            continue
+        rejection = buffer.add([None if i is None else values[i].strip() for i in order], names)
+        if rejection is not None:
+            yield number, rejection
+        if (batch := buffer.take(_BATCH_EVENTS)) is not None:
+            yield batch
+    if (batch := buffer.take()) is not None:
+        yield batch
+
+
+def _block_as_batch(block: bytes, delimiter: str, columns: list[str], wanted: list[str]) -> pa.RecordBatch | None:
+    """The whole block through Arrow's CSV reader, or None where any line needs the per-line rules
+    (then that path decides, and rejects what is bad)."""
+    if _NEEDS_PER_LINE_RULES.search(block):
+        return None
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(block),
+            read_options=pa_csv.ReadOptions(column_names=columns),
+            parse_options=pa_csv.ParseOptions(delimiter=delimiter, quote_char=False, ignore_empty_lines=True),
+            convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                                  include_columns=wanted, strings_can_be_null=False))
+    except pa.ArrowInvalid:  # a line with the wrong number of fields, for one
+        return None
+    user, item, category, behavior, stamp = (pc.ascii_trim_whitespace(table[name]) for name in wanted)
+    if any(pc.min(pc.binary_length(c)).as_py() == 0 for c in (user, item, category, behavior, stamp)):
+        return None  # a blank value
+    if not pc.all(pc.utf8_is_decimal(stamp)).as_py():
+        return None  # dates or fractions: the per-line parser reads them
+    try:
+        seconds = pc.cast(stamp, pa.int64())
+    except pa.ArrowInvalid:  # too many digits for int64: rejected per line
+        return None
+    seconds = pc.if_else(pc.greater(seconds, _LARGEST_SECONDS), pc.divide(seconds, 1000), seconds)
+    if pc.max(seconds).as_py() >= _END_OF_TIME:
+        return None
+    return pa.RecordBatch.from_arrays([c.combine_chunks() for c in (user, seconds, item, category, behavior)],
+                                      schema=EVENT_SCHEMA)
+
+
+def _blocks(handle: io.BufferedReader, first_line: int) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, whole lines) in blocks of about _BLOCK_BYTES."""
+    rest = b""
+    while data := handle.read(_BLOCK_BYTES):
+        end = data.rfind(b"\n") + 1
+        if not end:
+            rest += data
+            continue
+        block, rest = rest + data[:end], data[end:]
+        yield first_line, block
+        first_line += block.count(b"\n")
+    if rest:
+        yield first_line, rest
+
+
+def _read_delimited(path: Path, wanted: list[str]) -> Iterator[Item]:
     with open(path, "rb") as handle:
         first = handle.readline()
-    if first.lstrip().startswith(b"{"):
-        for number, record in read_jsonl(path):
-            if isinstance(record, Rejection):
-                yield number, record
+        delimiter = "\t" if b"\t" in first else ","
+        header = [c.strip() for c in first.decode("utf-8", "replace").strip().split(delimiter)]
+        has_header = set(wanted) <= set(header)
+        names = header if has_header else list(TAOBAO_COLUMNS)
+        order = [names.index(name) if name in names else None for name in wanted]
+        # Arrow needs distinct column names; the per-line path goes by position
+        columns = [f"{i}:{name}" for i, name in enumerate(names)]
+        if not has_header:
+            handle.seek(0)
+        for first_line, block in _blocks(handle, 2 if has_header else 1):
+            batch = None if None in order else _block_as_batch(block, delimiter, columns,
+                                                               [columns[i] for i in order])
+            if batch is not None:
+                yield batch
             else:
-                values = (record.get(name) for name in wanted)
-                yield number, [None if v is None else str(v).strip() for v in values]
-        return
-    delimiter = "\t" if b"\t" in first else ","
-    header = [c.strip() for c in first.decode("utf-8", "replace").strip().split(delimiter)]
-    names, start = (header, 2) if set(wanted) <= set(header) else (list(columns), 1)
-    order = [names.index(name) if name in names else None for name in wanted]
+                lines = enumerate(block.split(b"\n"), first_line)
+                yield from _per_line(lines, delimiter, len(names), order, wanted)
+
+
+def _read_json_lines(path: Path, wanted: list[str]) -> Iterator[Item]:
+    buffer = _EventBuffer()
+    for number, record in read_jsonl(path):
+        if isinstance(record, Rejection):
+            yield number, record
+            continue
+        values = [None if (v := record.get(name)) is None else str(v).strip() for name in wanted]
+        if (rejection := buffer.add(values, wanted)) is not None:
+            yield number, rejection
+        if (batch := buffer.take(_BATCH_EVENTS)) is not None:
+            yield batch
+    if (batch := buffer.take()) is not None:
+        yield batch
+
+
+def read_events(path: Path, mapping: dict[str, str]) -> Iterator[Item]:
+    """Record batches of good events (EVENT_SCHEMA) and (line, rejection) pairs, in file order.
+
+    CSV/TSV with or without a header, or JSONL objects; `mapping` maps our column names to the file's.
+    """
+    wanted = [mapping.get(c, c) for c in TAOBAO_COLUMNS]
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if number < start or not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield number, Rejection("not UTF-8")
-                continue
-            if '"' in text:  # quoted fields: the csv module's rules
-                values = next(csv.reader(io.StringIO(text), delimiter=delimiter))
-            else:  # the common case, several times faster
-                values = text.rstrip("\r\n").split(delimiter)
-            if len(values) != len(names):
-                yield number, Rejection(f"{len(values)} fields, expected {len(names)}")
-                continue
-            yield number, [None if i is None else values[i].strip() for i in order]
-
-
-def read_events(path: Path, mapping: dict[str, str]) -> Iterator[tuple[int, tuple[str, Event] | Rejection]]:
-    """(line, (user, event)) for each row; `mapping` maps our column names to the file's."""
-    names = [mapping.get(c, c) for c in TAOBAO_COLUMNS]
-    for number, row in _rows(path, TAOBAO_COLUMNS, mapping):
-        if isinstance(row, Rejection):
-            yield number, row
-            continue
-        if None in row or "" in row:  # absent or blank
-            yield number, Rejection(f"missing {names[next(i for i, v in enumerate(row) if not v)]!r}")
-            continue
-        user, item, category, behavior, stamp = row
-        try:
-            yield number, (user, _event((_timestamp(stamp), item, category, behavior)))
-        except Rejection as err:
-            yield number, err
-
-
-_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
-_ESCAPED = re.compile(r"\\(.)")
-
-
-def _escape(value: str) -> str:
-    return "".join(_ESCAPES.get(c, c) for c in value)
-
-
-def _unescape(value: str) -> str:
-    return _ESCAPED.sub(lambda m: _UNESCAPES[m.group(1)], value)
+        is_json = handle.readline().lstrip().startswith(b"{")
+    return _read_json_lines(path, wanted) if is_json else _read_delimited(path, wanted)
 
 
 def _release_free_memory() -> None:
@@ -150,96 +251,161 @@ def _release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a bucket is millions of new tuples and strings, none in a
-    cycle, and collections triggered by their count rescan them all (~40% of the grouping time)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 class UserBuckets:
-    """Spills (user, event) pairs into bucket files so that grouping needs one bucket in memory.
-
-    A spill line is tab-separated (user, timestamp, item, category, behaviour); the rare value holding
-    a tab, newline or backslash is escaped, and a line with a backslash is unescaped on the way back.
-    """
+    """Spills event batches into Arrow stream files by user so that grouping needs one bucket in memory."""
 
     def __init__(self, buckets: int, directory: Path):
-        self.paths = [directory / f"bucket-{i:04d}.tsv" for i in range(buckets)]
-        self.handles = [open(p, "w", encoding="utf-8", newline="\n", buffering=1 << 16)  # noqa: SIM115
-                        for p in self.paths]
+        self.paths = [directory / f"bucket-{i:04d}.arrow" for i in range(buckets)]
+        self.writers = [pa.ipc.new_stream(str(p), EVENT_SCHEMA) for p in self.paths]
 
-    def add(self, user: str, event: Event) -> None:
-        line = f"{user}\t{event.timestamp}\t{event.item_id}\t{event.category_id}\t{event.behavior}"
-        if line.count("\t") != 4 or "\n" in line or "\r" in line or "\\" in line:
-            line = "\t".join(_escape(str(v)) for v in (user, *event))
-        self.handles[zlib.crc32(user.encode()) % len(self.handles)].write(line + "\n")
+    def _bucket_of_each_event(self, users: pa.Array) -> np.ndarray:
+        encoded = users.dictionary_encode()  # a user has many events: hash each user once
+        per_user = np.fromiter((zlib.crc32(u.encode()) % len(self.paths) for u in encoded.dictionary.to_pylist()),
+                               dtype=np.int64, count=len(encoded.dictionary))
+        return per_user[encoded.indices.to_numpy(zero_copy_only=False)]
 
-    def users(self) -> Iterator[tuple[str, list[Event]]]:
-        """Every user with their events in time order; users sorted within each bucket."""
-        for handle in self.handles:
-            handle.close()
+    def add(self, batch: pa.RecordBatch) -> None:
+        if len(self.paths) == 1:
+            self.writers[0].write_batch(batch)
+            return
+        buckets = self._bucket_of_each_event(batch.column(0))
+        batch = batch.take(pa.array(np.argsort(buckets, kind="stable")))
+        start = 0
+        for bucket, count in enumerate(np.bincount(buckets, minlength=len(self.paths))):
+            if count:
+                self.writers[bucket].write_batch(batch.slice(start, count))
+                start += count
+
+    def histories(self, keep: int | None = None) -> Iterator[History]:
+        """Every user's history (the last `keep` events when given); users sorted within each bucket."""
+        for writer in self.writers:
+            writer.close()
         for path in self.paths:
-            grouped: dict[str, list[Event]] = {}
-            with open(path, encoding="utf-8", newline="\n") as handle, _collector_paused():
-                for line in handle:
-                    user, stamp, item, category, behavior = line[:-1].split("\t")
-                    if "\\" in line:
-                        user, item, category, behavior = map(_unescape, (user, item, category, behavior))
-                    events = grouped.get(user)
-                    if events is None:
-                        events = grouped[user] = []
-                    events.append(_event((int(stamp), item, category, behavior)))
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_stream(source).read_all()
             path.unlink()
-            for user in sorted(grouped):
-                yield user, sorted(grouped[user])
-            del grouped
+            if table.num_rows:
+                yield from _bucket_histories(table.combine_chunks(), keep)
+            del table
             _release_free_memory()
+
+
+def _ranks(strings: pa.Array) -> np.ndarray:
+    """Each value's rank among the distinct values in code-point order (UTF-8 byte order is the same);
+    sorting the distinct values is cheap: a user has many events, an event type many more."""
+    encoded = strings.dictionary_encode()
+    rank_of_value = np.empty(len(encoded.dictionary), dtype=np.int64)
+    rank_of_value[pc.sort_indices(encoded.dictionary).to_numpy()] = np.arange(len(encoded.dictionary))
+    return rank_of_value[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _time_order(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(row order by user, time, item, category, behaviour; each user's rank, in that order).
+
+    The (user rank, time) pair sorts almost everything, as one integer key; only rows that tie on it
+    go through Arrow's multi-column sort, which on all rows is several times slower.
+    """
+    users = _ranks(table.column("user").chunk(0))
+    stamps = table.column("timestamp").chunk(0).to_numpy()
+    packs = users.max() < _PACKED_USERS  # into one int64 with the time, which is below 2**38 (_END_OF_TIME)
+    order = np.argsort((users << 38) | stamps, kind="stable") if packs else np.lexsort((stamps, users))
+    users, stamps = users[order], stamps[order]
+    ties = np.flatnonzero((users[1:] == users[:-1]) & (stamps[1:] == stamps[:-1]))
+    if len(ties):
+        # runs of ties sit at ascending positions in ascending (user, time) order, so sorting the tied
+        # rows by every key and putting them back at the same positions orders each run
+        tied = np.union1d(ties, ties + 1)
+        rows = table.take(pa.array(order[tied])).append_column("rank", pa.array(users[tied]))
+        run_order = pc.sort_indices(rows, [("rank", "ascending"), *_SORT_KEYS[1:]]).to_numpy()
+        order[tied] = order[tied][run_order]
+    return order, users
+
+
+def _render_lines(timestamps: np.ndarray, behaviors: pa.Array, items: pa.Array,
+                  categories: pa.Array) -> pa.LargeStringArray:
+    """'YYYY-MM-DD HH:MM:SS <verb> item <item> (category <category>)\n' for every event; dates, clock
+    times and verbs are looked up, not formatted per event."""
+    days, seconds = np.divmod(timestamps, 86_400)
+    distinct_days, day_index = np.unique(days, return_inverse=True)
+    dates = pa.array([format_time(int(day) * 86_400)[:10] for day in distinct_days], pa.large_string())
+    verbs = behaviors.dictionary_encode()
+    verb_text = pa.array([VERBS.get(b, b) for b in verbs.dictionary.to_pylist()], pa.large_string())
+    parts = [dates.take(pa.array(day_index)), " ", _clock_times().take(pa.array(seconds)), " ",
+             verb_text.take(verbs.indices), " item ", items, " (category ", categories, ")\n"]
+    as_large = [pa.scalar(p, pa.large_string()) if isinstance(p, str) else pc.cast(p, pa.large_string())
+                for p in [*parts, ""]]  # 64-bit offsets: a bucket's log may pass 2 GB
+    return pc.binary_join_element_wise(*as_large)
+
+
+@functools.cache
+def _clock_times() -> pa.LargeStringArray:
+    """'HH:MM:SS' for every second of a day."""
+    return pa.array([f"{h:02d}:{m:02d}:{s:02d}" for h in range(24) for m in range(60) for s in range(60)],
+                    pa.large_string())
+
+
+def _bucket_histories(table: pa.Table, keep: int | None) -> Iterator[History]:
+    order, users = _time_order(table)
+    bounds = np.concatenate([[0], np.flatnonzero(users[1:] != users[:-1]) + 1, [len(users)]])
+    if keep and np.diff(bounds).max() > keep:  # the last `keep` rows of each user
+        lengths = np.diff(bounds)
+        kept = np.arange(len(order)) >= np.repeat(bounds[1:] - np.minimum(lengths, keep), lengths)
+        order = order[kept]
+        bounds = np.concatenate([[0], np.cumsum(np.minimum(lengths, keep))])
+    table = table.take(pa.array(order))
+    stamps = table.column("timestamp").chunk(0).to_numpy()
+    user, item, category, behavior = (table.column(name).chunk(0) for name in ("user", "item", "category", "behavior"))
+    lines = _render_lines(stamps, behavior, item, category)
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset:]
+    text = memoryview(lines.buffers()[2])
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        # Python objects per user, not per bucket: a bucket's worth of strings is hundreds of MB
+        name, count = user[start].as_py(), end - start
+        body = bytes(text[offsets[start]:offsets[end]]).decode("utf-8")
+        yield History(name, f"Activity log of user {name} ({count} events):\n{body}", stamps[start:end].tolist(),
+                      *(column.slice(start, count).to_pylist() for column in (item, category, behavior)))
 
 
 def spill_directory(base: Path | None = None) -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="comet-prep-", dir=base)
 
 
-def render_history(user: str, events: list[Event]) -> str:
-    lines = [f"Activity log of user {user} ({len(events)} events):"]
-    lines += [f"{format_time(e.timestamp)} {VERBS.get(e.behavior, e.behavior)} item {e.item_id} "
-              f"(category {e.category_id})" for e in events]
-    return "\n".join(lines) + "\n"
+def _count_question(fact: tuple[tuple[str, str], int]) -> Question:
+    (behavior, category), n = fact
+    return Question("behavior_count", f"How many times did the user perform '{VERBS.get(behavior, behavior)}' on "
+                    f"items of category {category}?", str(n))
 
 
-def questions(events: list[Event]) -> list[Question]:
+def _cart_question(fact: tuple[str, bool]) -> Question:
+    item, bought_later = fact
+    return Question("bought_after_cart", f"Did the user buy item {item} after adding it to the cart?",
+                    "yes" if bought_later else "no")
+
+
+def questions(history: History) -> QuestionPools:
     """Questions this history answers, with answers computed from the events."""
-    out = []
-    bought = [e for e in events if e.behavior == "buy"]
-    if bought:
-        out.append(Question("last_bought", "Which item did the user buy last?", bought[-1].item_id))
-    counts = Counter((e.behavior, e.category_id) for e in events)
-    for (behavior, category), n in sorted(counts.items()):
-        verb = VERBS.get(behavior, behavior)
-        out.append(Question("behavior_count", f"How many times did the user perform '{verb}' on items of category "
-                            f"{category}?", str(n)))
-    categories = Counter(e.category_id for e in events).most_common()
-    if len(categories) == 1 or categories[0][1] > categories[1][1]:
-        out.append(Question("top_category", "Which category did the user interact with most often?",
-                            categories[0][0]))
+    stamps, items, categories, behaviors = history.timestamps, history.items, history.categories, history.behaviors
+    pools: QuestionPools = {}
+    if "buy" in behaviors:
+        last = len(behaviors) - 1 - behaviors[::-1].index("buy")
+        pools["last_bought"] = [Question("last_bought", "Which item did the user buy last?", items[last])]
+    pools["behavior_count"] = LazyPool(Counter(zip(behaviors, categories)).items(), _count_question)
+    top = Counter(categories).most_common(2)
+    if len(top) == 1 or top[0][1] > top[1][1]:
+        pools["top_category"] = [Question("top_category", "Which category did the user interact with most often?",
+                                          top[0][0])]
     first_cart: dict[str, int] = {}
     last_buy: dict[str, int] = {}
-    for e in events:
-        if e.behavior == "cart":
-            first_cart[e.item_id] = min(e.timestamp, first_cart.get(e.item_id, e.timestamp))
-        elif e.behavior == "buy":
-            last_buy[e.item_id] = max(e.timestamp, last_buy.get(e.item_id, e.timestamp))
-    for item in sorted(first_cart):
-        later_buy = last_buy.get(item, -1) >= first_cart[item]
-        out.append(Question("bought_after_cart", f"Did the user buy item {item} after adding it to the cart?",
-                            "yes" if later_buy else "no"))
-    out.append(Question("first_activity", "When was the user's first activity?", format_time(events[0].timestamp)))
-    out.append(Question("last_activity", "When was the user's last activity?", format_time(events[-1].timestamp)))
-    return out
+    for stamp, item, behavior in zip(stamps, items, behaviors):
+        if behavior == "cart":
+            first_cart.setdefault(item, stamp)  # events are in time order
+        elif behavior == "buy":
+            last_buy[item] = stamp
+    if first_cart:
+        pools["bought_after_cart"] = LazyPool([(item, last_buy.get(item, -1) >= first)
+                                               for item, first in first_cart.items()], _cart_question)
+    pools["first_activity"] = [Question("first_activity", "When was the user's first activity?",
+                                        format_time(stamps[0]))]
+    pools["last_activity"] = [Question("last_activity", "When was the user's last activity?",
+                                       format_time(stamps[-1]))]
+    return pools

@@ -62,7 +62,7 @@ def test_each_format_parses_to_the_same_event_schema(tmp_path):
 
 def test_questions_have_the_answers_of_the_log(tmp_path):
     (trajectory,) = [t for _, t in read_trajectories(write_jsonl(tmp_path / "a.jsonl", OPENAI))]
-    qa = {q.question: q.answer for q in questions(trajectory)}
+    qa = {q.question: q.answer for pool in questions(trajectory).values() for q in pool}
     # computed here by hand from OPENAI above
     assert qa["Which tool did the agent use in its 1st tool call?"] == "weather"
     assert qa["Which tool did the agent use in its 3rd tool call?"] == "search"

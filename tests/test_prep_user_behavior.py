@@ -1,11 +1,15 @@
 import json
+import random
+import re
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pytest
 from datasets import load_from_disk
 
+from data_prep import user_behavior
 from data_prep.cli import main
-from data_prep.user_behavior import Event, UserBuckets, format_time, questions, read_events
+from data_prep.user_behavior import EVENT_SCHEMA, UserBuckets, format_time, questions, read_events
 
 # user 1: views and carts item 10, buys it later; carts item 11, never buys it. user 2: one view.
 ROWS = [
@@ -16,6 +20,23 @@ ROWS = [
     ("1", "12", "200", "pv", 1511544300),
     ("1", "10", "100", "buy", 1511544400),
 ]
+
+
+def read_all(path, mapping=None):
+    """Every event as a (user, timestamp, item, category, behavior) tuple and every rejection as
+    (line, reason), in file order."""
+    out = []
+    for item in read_events(path, mapping or {}):
+        if isinstance(item, tuple):
+            out.append((item[0], str(item[1])))
+        else:
+            out += zip(*(column.to_pylist() for column in item.columns))
+    return out
+
+
+def as_batch(events):
+    return pa.RecordBatch.from_arrays([pa.array(c, type=f.type) for c, f in zip(zip(*events), EVENT_SCHEMA)],
+                                      schema=EVENT_SCHEMA)
 
 
 def csv_text(rows, header=False, sep=","):
@@ -32,34 +53,84 @@ def test_every_layout_reads_the_same_events(tmp_path, variant):
         path.write_text("".join(json.dumps(dict(zip(keys, r))) + "\n" for r in ROWS))
     else:
         path.write_text(csv_text(ROWS, header=variant == "csv-header", sep="\t" if variant == "tsv" else ",") + "\n")
-    events = [item for _, item in read_events(path, {})]
-    assert events[0] == ("1", Event(1511544070, "10", "100", "pv")) and len(events) == 6
+    events = read_all(path)
+    assert events[0] == ("1", 1511544070, "10", "100", "pv") and len(events) == 6
 
 
 def test_a_column_mapping_reads_other_layouts(tmp_path):
     path = tmp_path / "retail.csv"
     path.write_text("timestamp,visitorid,event,itemid,cat\n1433221332117,257597,view,355908,7\n")
-    ((_, (user, event)),) = list(read_events(path, {"user_id": "visitorid", "behavior_type": "event",
-                                                     "item_id": "itemid", "category_id": "cat"}))
-    assert user == "257597" and event == Event(1433221332, "355908", "7", "view")  # milliseconds → seconds
+    events = read_all(path, {"user_id": "visitorid", "behavior_type": "event", "item_id": "itemid",
+                             "category_id": "cat"})
+    assert events == [("257597", 1433221332, "355908", "7", "view")]  # milliseconds → seconds
 
 
 def test_spill_files_give_back_awkward_values_exactly(tmp_path):
-    awkward = [("a\tb", Event(5, "x\\y", "line\nbreak", "pv")), ("a\tb", Event(3, "\\t", "c\r", "buy")),
-               ("plain", Event(1, "1", "2", "cart")), ("\\", Event(2, "é", "🙂", "pv"))]
+    awkward = [("a\tb", 5, "x\\y", "line\nbreak", "pv"), ("a\tb", 3, "\\t", "c\r", "buy"),
+               ("plain", 1, "1", "2", "cart"), ("\\", 2, "é", "🙂", "pv")]
     spill = UserBuckets(3, tmp_path)
-    for user, event in awkward:
-        spill.add(user, event)
-    grouped = dict(spill.users())
-    assert grouped == {"a\tb": [awkward[1][1], awkward[0][1]], "plain": [awkward[2][1]], "\\": [awkward[3][1]]}
+    spill.add(as_batch(awkward[:2]))
+    spill.add(as_batch(awkward[2:]))
+    grouped = {h.user: list(zip(h.timestamps, h.items, h.categories, h.behaviors)) for h in spill.histories()}
+    assert grouped == {"a\tb": [e[1:] for e in (awkward[1], awkward[0])], "plain": [awkward[2][1:]],
+                       "\\": [awkward[3][1:]]}
+
+
+def test_histories_keep_the_most_recent_events_in_time_order(tmp_path):
+    events = [("u", stamp, f"i{stamp % 7}", "c", "pv") for stamp in (9, 3, 7, 1, 5)] + [("v", 4, "i", "c", "buy")]
+    spill = UserBuckets(1, tmp_path)
+    spill.add(as_batch(events))
+    u, v = spill.histories(keep=3)
+    assert (u.user, u.timestamps, v.timestamps) == ("u", [5, 7, 9], [4])
+    assert u.text.splitlines() == ["Activity log of user u (3 events):",
+                                   "1970-01-01 00:00:05 viewed item i5 (category c)",
+                                   "1970-01-01 00:00:07 viewed item i0 (category c)",
+                                   "1970-01-01 00:00:09 viewed item i2 (category c)"]
+    assert v.text.endswith("00:00:04 bought item i (category c)\n")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_histories_order_events_like_python_sorts_tuples(tmp_path, monkeypatch, packed):
+    """Ties on time are broken by item, category and behaviour, strings compare by code point."""
+    if not packed:
+        monkeypatch.setattr(user_behavior, "_PACKED_USERS", 0)  # the two-key sort for huge buckets
+    rng = random.Random(0)
+    events = [(rng.choice(["b", "a", "é", "Z", "🙂"]), rng.choice([7, 3, 3, 1]), rng.choice(["10", "9", "1é", "1e"]),
+               rng.choice(["x", "X", "ß"]), rng.choice(["pv", "buy", "cart"])) for _ in range(400)]
+    spill = UserBuckets(1, tmp_path)
+    spill.add(as_batch(events))
+    got = [(h.user, *e) for h in spill.histories() for e in zip(h.timestamps, h.items, h.categories, h.behaviors)]
+    assert got == sorted(events)
+
+
+def test_arrow_blocks_and_the_per_line_rules_read_the_same_events(tmp_path, monkeypatch):
+    """Clean blocks go through Arrow's CSV reader, blocks with anything unusual line by line; with
+    blocks of ~40 bytes both kinds interleave, and events, rejections and line numbers must not
+    depend on which path a line took."""
+    lines = [" 7 ,1,2,pv,1511544070", "7,1,2,buy,1511544070123", "8,\"1\",2,fav,1511544099", "",
+             "8,1,2,pv,2017-11-24T17:21:10Z", "9,1,2", "9,1, ,pv,5", "9,1,2,pv,1511544070.5",
+             "10,1,2,cart,99999999999999999999", "11,1,2,pv,5"]
+    path = tmp_path / "mixed.csv"
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(user_behavior, "_BLOCK_BYTES", 40)
+    small_blocks = read_all(path)
+    monkeypatch.setattr(user_behavior, "_NEEDS_PER_LINE_RULES", re.compile(rb"."))  # every line by the rules
+    per_line = read_all(path)
+    for read in (small_blocks, per_line):  # a block's events may follow its rejections: compare each in order
+        assert [e for e in read if len(e) == 5] == [
+            ("7", 1511544070, "1", "2", "pv"), ("7", 1511544070, "1", "2", "buy"), ("8", 1511544099, "1", "2", "fav"),
+            ("8", 1511544070, "1", "2", "pv"), ("9", 1511544070, "1", "2", "pv"), ("11", 5, "1", "2", "pv")]
+        assert [e for e in read if len(e) == 2] == [
+            (6, "3 fields, expected 5"), (7, "missing 'category_id'"),
+            (9, "timestamp '99999999999999999999' is outside the years 1970 to 9999")]
 
 
 def test_json_strings_with_lone_surrogates_are_rejected(tmp_path):
     path = tmp_path / "events.jsonl"
     record = '{"user_id": "1", "item_id": "%s", "category_id": "3", "behavior_type": "pv", "timestamp": 5}\n'
     path.write_text(record % "\\ud800" + record % "\\ud83d\\ude00")  # lone, then a valid pair (an emoji)
-    (_, rejected), (_, (_, event)) = read_events(path, {})
-    assert str(rejected) == "a string holds a lone UTF-16 surrogate" and event.item_id == "😀"
+    (_, rejected), event = read_all(path)
+    assert rejected == "a string holds a lone UTF-16 surrogate" and event[2] == "😀"
 
 
 def test_times_format_in_utc():
@@ -68,8 +139,9 @@ def test_times_format_in_utc():
 
 
 def test_questions_answer_from_the_history():
-    events = sorted(Event(ts, item, cat, b) for user, item, cat, b, ts in ROWS if user == "1")
-    qa = {q.question: q.answer for q in questions(events)}
+    events = sorted((ts, item, cat, b) for user, item, cat, b, ts in ROWS if user == "1")
+    history = user_behavior.History("1", "", *map(list, zip(*events)))
+    qa = {q.question: q.answer for pool in questions(history).values() for q in pool}
     assert qa["Which item did the user buy last?"] == "10"
     assert qa["How many times did the user perform 'added to cart' on items of category 100?"] == "2"
     assert qa["Which category did the user interact with most often?"] == "100"

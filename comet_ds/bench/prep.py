@@ -90,33 +90,50 @@ def run_prep(args: list[str]) -> dict[str, float]:
     return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "summary": summary}
 
 
-def tokenizer_tokens_per_s(dataset_dir: Path, tokenizer_dir: str, parallel: bool = True) -> float:
+def tokenizer_tokens_per_s(dataset_dir: Path, tokenizer_dir: str, parallel: bool = True,
+                           api: str = "call") -> float:
     """The tokenizer alone on the dataset's own rendered text, measured in a fresh process: with its
-    own threads on every core (its default), or on one thread (TOKENIZERS_PARALLELISM=false)."""
+    own threads on every core (its default), or on one thread (TOKENIZERS_PARALLELISM=false).
+
+    api "call" is the Hugging Face tokenizer's batch call, `tokenizer(texts)`; "fast" is the Rust
+    tokenizer's `encode_batch_fast` (no character offsets), the call comet-prep itself makes.
+    """
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
     if not parallel:
         env["TOKENIZERS_PARALLELISM"] = "false"
-    result = subprocess.run([sys.executable, "-m", "comet_ds.bench.prep", str(dataset_dir), tokenizer_dir],
+    result = subprocess.run([sys.executable, "-m", "comet_ds.bench.prep", str(dataset_dir), tokenizer_dir, api],
                             capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"tokenizer baseline failed:\n{result.stderr[-2000:]}")
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def _tokenizer_baseline(dataset_dir: Path, tokenizer_dir: str, batch_size: int = 256, sample_texts: int = 2048,
-                        repeats: int = 3) -> float:
+def _tokenizer_baseline(dataset_dir: Path, tokenizer_dir: str, api: str, batch_size: int = 256,
+                        sample_texts: int = 2048, repeats: int = 3) -> float:
     """Best of `repeats` batch-encoding passes over the first `sample_texts` texts: a rate needs no
     more, and the best pass is the least disturbed."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if api == "call":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return tokenizer(texts, add_special_tokens=False).input_ids
+    else:
+        from tokenizers import Tokenizer
+
+        rust = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
     texts = load_from_disk(str(dataset_dir / "data")).select_columns(["text"])[:sample_texts]["text"]
     best = 0.0
     for _ in range(repeats):
         start, tokens = time.perf_counter(), 0
         for i in range(0, len(texts), batch_size):
-            tokens += sum(len(ids) for ids in tokenizer(texts[i:i + batch_size], add_special_tokens=False).input_ids)
+            tokens += sum(len(ids) for ids in encode(texts[i:i + batch_size]))
         best = max(best, tokens / (time.perf_counter() - start))
     return best
 
@@ -135,9 +152,11 @@ def bench_one(kind: str, source: Path, tokenizer_dir: str, workdir: Path, num_pr
            "tokens_per_s": round(manifest["tokens"]["total"] / run["seconds"]),
            "tokenizer_tokens_per_s": round(tokenizer_tokens_per_s(out, tokenizer_dir)),
            "tokenizer_one_thread_tokens_per_s": round(tokenizer_tokens_per_s(out, tokenizer_dir, parallel=False)),
+           "tokenizer_fast_tokens_per_s": round(tokenizer_tokens_per_s(out, tokenizer_dir, api="fast")),
            "peak_rss_mib": round(run["peak_rss_mib"]), "num_proc": num_proc}
     row["fraction_of_tokenizer"] = round(row["tokens_per_s"] / row["tokenizer_tokens_per_s"], 3)
     row["fraction_of_one_thread"] = round(row["tokens_per_s"] / row["tokenizer_one_thread_tokens_per_s"], 3)
+    row["fraction_of_fast"] = round(row["tokens_per_s"] / row["tokenizer_fast_tokens_per_s"], 3)
     return row
 
 
@@ -146,8 +165,9 @@ def format_row(row: dict[str, Any]) -> str:
             f"{row['tokens']:>12,} tokens  {row['seconds']:>7,.1f} s  {row['mb_per_s']:>6.2f} MB/s  "
             f"{row['tokens_per_s']:>9,} tok/s = {row['fraction_of_tokenizer']:.0%} of the tokenizer's "
             f"{row['tokenizer_tokens_per_s']:,} ({row['fraction_of_one_thread']:.0%} of its one-thread "
-            f"{row['tokenizer_one_thread_tokens_per_s']:,})  peak {row['peak_rss_mib']:>5,} MiB")
+            f"{row['tokenizer_one_thread_tokens_per_s']:,}; {row['fraction_of_fast']:.0%} of its offset-free "
+            f"{row['tokenizer_fast_tokens_per_s']:,})  peak {row['peak_rss_mib']:>5,} MiB")
 
 
-if __name__ == "__main__":  # the tokenizer baseline's own process: DATASET_DIR TOKENIZER_DIR
-    print(_tokenizer_baseline(Path(sys.argv[1]), sys.argv[2]))
+if __name__ == "__main__":  # the tokenizer baseline's own process: DATASET_DIR TOKENIZER_DIR API
+    print(_tokenizer_baseline(Path(sys.argv[1]), sys.argv[2], sys.argv[3]))
