@@ -1,8 +1,8 @@
 """User-behaviour event logs (CSV, TSV, JSONL; Taobao UserBehavior layout by default) → per-user histories.
 
 Events travel as Arrow record batches: well-formed CSV/TSV blocks are parsed by Arrow's CSV reader,
-and only blocks that need the per-line rules (quotes, carriage returns, control or non-ASCII bytes,
-damage of any kind) go through Python, which turns each bad line into a rejection. Batches are
+and only blocks that need the per-line rules (quotes, carriage returns, control characters, damage
+of any kind) go through Python, which turns each bad line into a rejection. Batches are
 spilled into bucket files by user, so memory is bounded by one bucket, not by the input; each bucket
 is then sorted by user and time and rendered with Arrow's compute kernels.
 """
@@ -43,8 +43,8 @@ _PACKED_USERS = 1 << 25  # below this many users in a bucket, (user rank, time) 
 _BLOCK_BYTES = 1 << 22
 _BATCH_EVENTS = 1 << 16
 # Bytes whose rules Arrow's reader does not share with the per-line path: quoting, '\r' (a line end
-# to Arrow, not to us), control characters and non-ASCII (which str.strip treats as whitespace).
-_NEEDS_PER_LINE_RULES = re.compile(rb'["\r\x00-\x08\x0b-\x1f\x80-\xff]')
+# to Arrow, not to us) and control characters (some of which str.strip takes for whitespace).
+_NEEDS_PER_LINE_RULES = re.compile(rb'["\r\x00-\x08\x0b-\x1f]')
 
 
 class History(NamedTuple):
@@ -152,6 +152,11 @@ def _block_as_batch(block: bytes, delimiter: str, columns: list[str], wanted: li
     (then that path decides, and rejects what is bad)."""
     if _NEEDS_PER_LINE_RULES.search(block):
         return None
+    if not block.isascii():
+        try:  # a line with bytes that are not UTF-8 is rejected whole, whichever column holds them
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     try:
         table = pa_csv.read_csv(
             pa.py_buffer(block),
@@ -161,7 +166,8 @@ def _block_as_batch(block: bytes, delimiter: str, columns: list[str], wanted: li
                                                   include_columns=wanted, strings_can_be_null=False))
     except pa.ArrowInvalid:  # a line with the wrong number of fields, for one
         return None
-    user, item, category, behavior, stamp = (pc.ascii_trim_whitespace(table[name]) for name in wanted)
+    # the same characters as str.strip() once control characters are ruled out (checked for every code point)
+    user, item, category, behavior, stamp = (pc.utf8_trim_whitespace(table[name]) for name in wanted)
     if any(pc.min(pc.binary_length(c)).as_py() == 0 for c in (user, item, category, behavior, stamp)):
         return None  # a blank value
     if not pc.all(pc.utf8_is_decimal(stamp)).as_py():

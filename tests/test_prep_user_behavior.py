@@ -109,7 +109,7 @@ def test_arrow_blocks_and_the_per_line_rules_read_the_same_events(tmp_path, monk
     depend on which path a line took."""
     lines = [" 7 ,1,2,pv,1511544070", "7,1,2,buy,1511544070123", "8,\"1\",2,fav,1511544099", "",
              "8,1,2,pv,2017-11-24T17:21:10Z", "9,1,2", "9,1, ,pv,5", "9,1,2,pv,1511544070.5",
-             "10,1,2,cart,99999999999999999999", "11,1,2,pv,5"]
+             "10,1,2,cart,99999999999999999999", "11,1,2,pv,5", "12,\u3000商品 ,类目,buy,6"]
     path = tmp_path / "mixed.csv"
     path.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(user_behavior, "_BLOCK_BYTES", 40)
@@ -119,7 +119,8 @@ def test_arrow_blocks_and_the_per_line_rules_read_the_same_events(tmp_path, monk
     for read in (small_blocks, per_line):  # a block's events may follow its rejections: compare each in order
         assert [e for e in read if len(e) == 5] == [
             ("7", 1511544070, "1", "2", "pv"), ("7", 1511544070, "1", "2", "buy"), ("8", 1511544099, "1", "2", "fav"),
-            ("8", 1511544070, "1", "2", "pv"), ("9", 1511544070, "1", "2", "pv"), ("11", 5, "1", "2", "pv")]
+            ("8", 1511544070, "1", "2", "pv"), ("9", 1511544070, "1", "2", "pv"), ("11", 5, "1", "2", "pv"),
+            ("12", 6, "商品", "类目", "buy")]
         assert [e for e in read if len(e) == 2] == [
             (6, "3 fields, expected 5"), (7, "missing 'category_id'"),
             (9, "timestamp '99999999999999999999' is outside the years 1970 to 9999")]
