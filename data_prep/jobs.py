@@ -11,8 +11,6 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from data_prep.agent_logs import Trajectory
 from data_prep.agent_samples import questions as trajectory_questions
 from data_prep.agent_samples import render, sft_sample
@@ -35,12 +33,8 @@ def _row(ids: Sequence[int], labels: Sequence[int], max_tokens: int | None, text
     """
     if max_tokens and len(ids) > max_tokens:
         return None
-    return {"input_ids": _int32(ids), "labels": _int32(labels), **fields,
+    return {"input_ids": int32_array(ids), "labels": int32_array(labels), **fields,
             "text": worker_tokenizer().decode(list(ids)) if text is None else text}
-
-
-def _int32(ids: Sequence[int]) -> np.ndarray:
-    return ids if isinstance(ids, np.ndarray) else int32_array(ids)
 
 
 def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:

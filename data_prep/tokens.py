@@ -17,9 +17,12 @@ from typing import Protocol
 import numpy as np
 
 
-def int32_array(ids: Sequence[int]) -> np.ndarray:
-    """Token ids as a read-only int32 array. struct packs a list of Python ints about three times as
-    fast as numpy converts one, and that conversion is a good part of comet-prep's Python work."""
+def int32_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as an int32 array (an int32 array comes back as it is). struct packs a list of Python
+    ints about three times as fast as numpy converts one, and that conversion is a good part of
+    comet-prep's Python work."""
+    if isinstance(ids, np.ndarray):
+        return ids.astype(np.int32, copy=False)
     return np.frombuffer(struct.pack(f"{len(ids)}i", *ids), dtype=np.int32)
 
 

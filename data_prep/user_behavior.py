@@ -97,9 +97,10 @@ class _EventBuffer:
     def __init__(self) -> None:
         self.rows: list[tuple[str, int, str, str, str]] = []
 
-    def add(self, values: list[str | None], names: list[str]) -> Rejection | None:
+    def add(self, values: list[str | None], wanted: list[str]) -> Rejection | None:
+        """Keep the event, or say why not; `wanted` names the file's columns the values came from."""
         if None in values or "" in values:  # absent or blank
-            return Rejection(f"missing {names[next(i for i, v in enumerate(values) if not v)]!r}")
+            return Rejection(f"missing {wanted[next(i for i, v in enumerate(values) if not v)]!r}")
         user, item, category, behavior, stamp = values
         try:
             self.rows.append((user, _timestamp(stamp), item, category, behavior))
@@ -108,7 +109,7 @@ class _EventBuffer:
         return None
 
     def take(self, at_least: int = 1) -> pa.RecordBatch | None:
-        if len(self.rows) < at_least or not self.rows:
+        if len(self.rows) < max(at_least, 1):
             return None
         batch = pa.RecordBatch.from_arrays([pa.array(column, type=field.type) for column, field in
                                             zip(zip(*self.rows), EVENT_SCHEMA)], schema=EVENT_SCHEMA)
@@ -120,7 +121,7 @@ Item = pa.RecordBatch | tuple[int, Rejection]
 
 
 def _per_line(lines: Iterable[tuple[int, bytes]], delimiter: str, width: int, order: list[int | None],
-              names: list[str]) -> Iterator[Item]:
+              wanted: list[str]) -> Iterator[Item]:
     """The per-line rules: every bad line becomes a rejection with its line number."""
     buffer = _EventBuffer()
     for number, raw in lines:
@@ -138,7 +139,7 @@ def _per_line(lines: Iterable[tuple[int, bytes]], delimiter: str, width: int, or
         if len(values) != width:
             yield number, Rejection(f"{len(values)} fields, expected {width}")
             continue
-        rejection = buffer.add([None if i is None else values[i].strip() for i in order], names)
+        rejection = buffer.add([None if i is None else values[i].strip() for i in order], wanted)
         if rejection is not None:
             yield number, rejection
         if (batch := buffer.take(_BATCH_EVENTS)) is not None:
