@@ -175,13 +175,20 @@ def test_two_nodes_on_loopback_with_the_deepspeed_launcher(base_dirs, passkey_da
     assert state["stages"] == 2 and state["replicas"] == 1
 
 
-def test_mlflow_records_params_metrics_and_the_adapter(base_dirs, passkey_data, tmp_path):
+@pytest.fixture(scope="module")
+def two_step_run(base_dirs, passkey_data, tmp_path_factory) -> Path:
+    """A finished 2-step run (its adapter seeds later runs)."""
+    tmp_path = tmp_path_factory.mktemp("two_steps")
     config = write_config(tmp_path, base_dirs["llama"], passkey_data, steps=2, save_every=2)
     done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path / "run"
+
+
+def test_mlflow_records_params_metrics_and_the_adapter(two_step_run):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{two_step_run / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("comet_ds").experiment_id])
     assert run.data.params["run.train.steps"] == "2"
     assert run.data.params["deepspeed.zero_optimization.stage"] == "1"
@@ -192,6 +199,43 @@ def test_mlflow_records_params_metrics_and_the_adapter(base_dirs, passkey_data, 
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/comet_memory.safetensors" in artifacts
+
+
+def test_init_from_starts_the_pipeline_from_an_earlier_adapter(base_dirs, passkey_data, two_step_run, tmp_path):
+    from comet_ds.layout import ChunkLayout
+    from comet_ds.modeling.pretrained import load_comet
+    from comet_ds.train.config import load_run_config
+    from comet_ds.train.data import StepSampler, load_training_dataset
+
+    config = write_config(tmp_path, base_dirs["llama"], passkey_data, steps=1, save_every=1)
+    run = load_run_config(config, [f"init_from={two_step_run / 'adapter'}"])
+    config.write_text(yaml.safe_dump(run.to_dict()))
+    done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (first_loss,) = losses(tmp_path / "run")[1]
+
+    # the same first batch through the seeding adapter in one process: the same loss
+    model, _, _ = load_comet(two_step_run / "adapter")
+    batch = StepSampler(load_training_dataset(passkey_data), 1, run.train.sequences_per_step, run.train.seed,
+                        run.train.max_tokens).batch(0, 0)
+    reference = model(ChunkLayout(run.comet, model.tokens).iter_chunks(batch.input_ids, batch.labels)).loss.item()
+    assert first_loss == pytest.approx(reference, rel=1e-5)
+    assert first_loss != pytest.approx(losses(two_step_run)[1][0], rel=1e-3)  # not a fresh start
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"comet.chunk_size": 32}, "its comet differs in chunk_size (64 there, 32 here)"),
+    ({"finetune.lora_rank": 4}, "its finetune differs in lora_rank (8 there, 4 here)"),
+])
+def test_init_from_a_mismatched_model_is_refused(base_dirs, passkey_data, two_step_run, tmp_path, capsys,
+                                                 change, message):
+    config = write_config(tmp_path, base_dirs["llama"], passkey_data)
+    overrides = [f"init_from={two_step_run / 'adapter'}", *(f"{k}={v}" for k, v in change.items())]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config), *overrides])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path):

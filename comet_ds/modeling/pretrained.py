@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
 from comet_ds.fs import atomic_directory
@@ -54,8 +54,7 @@ def build_comet(base_model: str | Path, config: CometConfig, settings: FinetuneS
     return model, tokenizer
 
 
-def _fingerprint(backbone: PreTrainedModel) -> dict[str, Any]:
-    hf = backbone.config
+def _fingerprint(hf: PretrainedConfig) -> dict[str, Any]:
     return {"model_type": hf.model_type, "hidden_size": hf.hidden_size, "num_hidden_layers": hf.num_hidden_layers}
 
 
@@ -66,7 +65,8 @@ def write_comet(model: CometForCausalLM, tokenizer: PreTrainedTokenizerBase, out
     base_model=None stores the whole backbone in `out` (full fine-tunes, merged exports).
     """
     meta = {"format_version": FORMAT_VERSION, "comet": model.config.to_dict(), "tokens": model.tokens.to_dict(),
-            "finetune": settings.to_dict(), "base_model": base_model, "fingerprint": _fingerprint(model.backbone)}
+            "finetune": settings.to_dict(), "base_model": base_model,
+            "fingerprint": _fingerprint(model.backbone.config)}
     (out / COMET_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in model.comet_state_dict().items()}, out / MEMORY_WEIGHTS)
     if base_model is None:
@@ -102,6 +102,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneSettings,
+                      base_config: PretrainedConfig) -> None:
+    """Raise unless training can start from the CoMeT model directory `path` with these settings: the
+    same chunk layout and memories, the same fine-tune shape, a base of the same shape."""
+    meta = read_meta(path)
+    # settings that only steer optimisation may change from one stage to the next
+    free = {"memory_lr_multiplier", "lora_dropout"}
+    for what, saved, wanted in (("comet", meta["comet"], config.to_dict()),
+                                ("finetune", meta["finetune"], settings.to_dict()),
+                                ("base model shape", meta["fingerprint"], _fingerprint(base_config))):
+        differ = sorted(k for k in saved.keys() | wanted.keys() if k not in free and saved.get(k) != wanted.get(k))
+        if differ:
+            raise CheckpointMismatchError(
+                f"init_from {str(path)!r} cannot seed this run: its {what} differs in "
+                + ", ".join(f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} here)" for k in differ))
+
+
 def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: torch.dtype = torch.float32,
                ) -> tuple[CometForCausalLM, PreTrainedTokenizerBase, FinetuneSettings]:
     """Load a CoMeT model directory onto its base (or the base given here) and restore all weights."""
@@ -112,7 +129,7 @@ def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: to
     base = path if meta["base_model"] is None else Path(base_model or meta["base_model"])
     tokenizer = AutoTokenizer.from_pretrained(path)
     backbone = load_backbone(base, dtype)
-    found = _fingerprint(backbone)
+    found = _fingerprint(backbone.config)
     if found != meta["fingerprint"]:
         raise CheckpointMismatchError(
             f"{path} was trained on a base with {meta['fingerprint']} but {base} has {found}; "

@@ -86,6 +86,9 @@ class RunConfig:
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    # a CoMeT model directory (an earlier run's adapter) whose weights this run starts from instead of
+    # freshly initialised memories: the next stage of a curriculum, or more training on new data
+    init_from: str | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -37,6 +37,7 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from comet_ds.modeling.backbone import check_fits, decoder_parts
+    from comet_ds.modeling.pretrained import check_continuable
 
     stages = run.pipeline_stages()
     if not resume and (Path(run.output_dir) / "checkpoints" / "latest").exists():
@@ -50,6 +51,8 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     decoder_parts(skeleton)
     check_fits(skeleton, run.comet)
+    if run.init_from:
+        check_continuable(run.init_from, run.comet, run.finetune, hf_config)
     num_layers = hf_config.num_hidden_layers
     if stages > num_layers:
         raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
@@ -117,7 +120,7 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
     from tqdm import tqdm
 
-    from comet_ds.modeling.pretrained import build_comet
+    from comet_ds.modeling.pretrained import build_comet, load_comet
     from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
     from comet_ds.pipeline.stages import build_pipeline_module
     from comet_ds.train.checkpoint import restore_checkpoint, save_checkpoint
@@ -138,7 +141,10 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     replicas = world // check.stages
 
     torch.manual_seed(run.train.seed)
-    model, tokenizer = build_comet(run.base_model, run.comet, run.finetune)
+    if run.init_from:
+        model, tokenizer, _ = load_comet(run.init_from, run.base_model)
+    else:
+        model, tokenizer = build_comet(run.base_model, run.comet, run.finetune)
     for layer in model.layers:
         layer.activation_checkpointing = run.train.activation_checkpointing
     topology = PipeDataParallelTopology(num_pp=check.stages, num_dp=replicas)
