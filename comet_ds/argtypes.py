@@ -30,6 +30,16 @@ def depths(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def depth_specs(text: str) -> list[float | tuple[float, float]]:
+    """depths, where an item may also be a range lo-hi that each sample draws its depth from."""
+    from data_prep.passkey import parse_depth_specs
+
+    try:
+        return parse_depth_specs(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def device(text: str) -> str:
     """auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N."""
     import torch

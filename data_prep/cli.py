@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from comet_ds.argtypes import depths, token_count, token_counts
+from comet_ds.argtypes import depth_specs, token_count, token_counts
 from data_prep.output import DatasetWriter, file_sha256
 from data_prep.parallel import ordered_map
 
@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         _shared_options(p)
         p.add_argument("--lengths", type=token_counts, default=[2048], help="tokens per sample, e.g. 2k,8k "
                                                                             "(default: 2k)")
-        p.add_argument("--depths", type=depths, default=[0.5],
-                       help="a count of evenly spaced depths, or fractions like 0.1,0.5 (default: 0.5)")
+        p.add_argument("--depths", type=depth_specs, default=[0.5],
+                       help="a count of evenly spaced depths, fractions like 0.1,0.5, or ranges like 0-0.05,"
+                            "0.25-0.5 that each sample draws its depth from uniformly (default: 0.5)")
         p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
         p.set_defaults(func=cmd_retrieval)
 

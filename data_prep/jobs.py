@@ -15,7 +15,7 @@ from data_prep.agent_logs import Trajectory
 from data_prep.agent_samples import questions as trajectory_questions
 from data_prep.agent_samples import render, sft_sample
 from data_prep.parallel import worker_tokenizer
-from data_prep.passkey import needle_sample, passkey_sample
+from data_prep.passkey import DepthSpec, draw_depth, needle_sample, passkey_sample
 from data_prep.qa import Question, pick_questions, qa_samples, qa_text
 from data_prep.tokens import int32_array
 from data_prep.user_behavior import History
@@ -37,11 +37,13 @@ def _row(ids: Sequence[int], labels: Sequence[int], max_tokens: int | None, text
             "text": worker_tokenizer().decode(list(ids)) if text is None else text}
 
 
-def retrieval_row(task: tuple[int, str, int, float, int]) -> Row:
-    """One passkey or needle sample; `task` is (index, kind, length, depth, seed)."""
-    index, kind, length, depth, seed = task
+def retrieval_row(task: tuple[int, str, int, DepthSpec, int]) -> Row:
+    """One passkey or needle sample; `task` is (index, kind, length, depth or depth range, seed)."""
+    index, kind, length, spec, seed = task
     make = {"passkey": passkey_sample, "needle": needle_sample}[kind]
-    sample = make(worker_tokenizer(), length, depth, random.Random(seed))
+    rng = random.Random(seed)
+    depth = draw_depth(spec, rng)
+    sample = make(worker_tokenizer(), length, depth, rng)
     return _row(sample.input_ids, sample.labels, None, text=sample.text, source=kind, sample_id=f"{kind}-{index}",
                 answer=sample.passkey, depth=depth, length=length)
 

@@ -88,6 +88,9 @@ def needle_sample(tokenizer: Encoder, length: int, depth: float,
     return PasskeySample(ids, labels, tokenizer.decode(ids), key, depth)
 
 
+DepthSpec = float | tuple[float, float]
+
+
 def parse_depths(text: str) -> list[float]:
     """Depths as a count of evenly spaced ones ("5" → 0, .25, .5, .75, 1) or fractions ("0.1,0.5")."""
     if "," not in text and "." not in text:
@@ -99,3 +102,29 @@ def parse_depths(text: str) -> list[float]:
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must be within [0, 1] (got {text})")
     return depths
+
+
+def parse_depth_specs(text: str) -> list[DepthSpec]:
+    """parse_depths, where an item may also be a range "lo-hi" that each sample draws its depth from.
+
+    Ranges place the key anywhere in a stretch of the sequence (e.g. "in the second of four chunks":
+    0.23-0.46) rather than at one token offset, so a model cannot learn the offset instead of the task.
+    """
+    if "-" not in text:
+        return list(parse_depths(text))
+    specs: list[DepthSpec] = []
+    for item in text.split(","):
+        low, _, high = item.partition("-")
+        try:
+            bounds = float(low), float(high or low)
+        except ValueError:
+            raise ValueError(f"depth {item!r} is neither a fraction nor a range like 0.2-0.4") from None
+        if not 0.0 <= bounds[0] <= bounds[1] <= 1.0:
+            raise ValueError(f"depth range {item!r} must satisfy 0 <= lo <= hi <= 1")
+        specs.append(bounds if high else bounds[0])
+    return specs
+
+
+def draw_depth(spec: DepthSpec, rng: random.Random) -> float:
+    """The depth of one sample: the spec itself, or a uniform draw from its range."""
+    return rng.uniform(*spec) if isinstance(spec, tuple) else spec

@@ -62,3 +62,26 @@ def test_lengths_over_max_tokens_are_refused(base_dirs, tmp_path):
     with pytest.raises(SystemExit, match="--lengths reach 4,096 tokens, over --max-tokens 2,048"):
         main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "1k,4k", "--max-tokens", "2k",
               "--output", str(tmp_path / "x")])
+
+
+def test_depth_ranges_draw_each_samples_depth_within_the_range(base_dirs, tmp_path, capsys):
+    out = tmp_path / "ranges"
+    main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "400", "--depths", "0-0.1,0.5,0.6-0.9",
+          "--samples-per-cell", "4", "--seed", "3", "--output", str(out)])
+    data = load_from_disk(str(out / "data"))
+    first, fixed, last = (data["depth"][k:k + 4] for k in (0, 4, 8))
+    assert all(0.0 <= d <= 0.1 for d in first) and len(set(first)) == 4
+    assert fixed == [0.5] * 4
+    assert all(0.6 <= d <= 0.9 for d in last) and len(set(last)) == 4
+    for row in data:  # the key sits where the drawn depth says
+        key_at = row["text"].index(f"The pass key is {row['answer']}.") / len(row["text"])
+        assert abs(key_at - row["depth"]) < 0.15
+    assert json.loads((out / "manifest.json").read_text())["depths"] == [[0.0, 0.1], 0.5, [0.6, 0.9]]
+
+
+@pytest.mark.parametrize("bad", ["0.5-0.2", "0.2-1.5", "a-0.3"])
+def test_bad_depth_ranges_are_one_usage_line(base_dirs, tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["passkey", "--tokenizer", base_dirs["llama"], "--depths", bad, "--output", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "argument --depths: depth" in capsys.readouterr().err
