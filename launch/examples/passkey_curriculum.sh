@@ -40,6 +40,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)  # so the script runs from any directory
 [ -f "$out/base/config.json" ] || comet-ds init-base --out "$out/base" --pretrain-steps "$pretrain_steps"
 
 previous=""
@@ -52,6 +53,7 @@ stage() {  # name, sequence length, depth ranges, steps at scale 1
     --samples-per-cell $(( (steps * 8 + ranges - 1) / ranges )) --output "$out/data/$name"
   "$here/../single_node.sh" --procs "$procs" --config "$here/passkey_stage.yaml" \
     base_model="$out/base" dataset="$out/data/$name" output_dir="$out/$name" train.steps="$steps" \
+    deepspeed_config="$root/ds_configs/cpu_fp32_2stage.json" \
     ${previous:+init_from="$out/$previous/adapter"}
   previous=$name
 }
