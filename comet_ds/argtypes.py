@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TypeVar
 
 from comet_ds.config import parse_token_count
+
+T = TypeVar("T")
+
+
+def _usage_error_on_value_error(parse: Callable[[str], T], text: str) -> T:
+    """parse(text), with a ValueError turned into argparse's one-line usage error."""
+    try:
+        return parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def token_count(text: str) -> int:
     """4096, 32k, 1m."""
-    try:
-        return parse_token_count(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _usage_error_on_value_error(parse_token_count, text)
 
 
 def token_counts(text: str) -> list[int]:
@@ -24,20 +33,14 @@ def depths(text: str) -> list[float]:
     """A count of evenly spaced depths (5) or fractions (0.1,0.5)."""
     from data_prep.passkey import parse_depths
 
-    try:
-        return parse_depths(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _usage_error_on_value_error(parse_depths, text)
 
 
 def depth_specs(text: str) -> list[float | tuple[float, float]]:
     """depths, where an item may also be a range lo-hi that each sample draws its depth from."""
     from data_prep.passkey import parse_depth_specs
 
-    try:
-        return parse_depth_specs(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return _usage_error_on_value_error(parse_depth_specs, text)
 
 
 def device(text: str) -> str:

@@ -111,7 +111,7 @@ def parse_depth_specs(text: str) -> list[DepthSpec]:
     0.23-0.46) rather than at one token offset, so a model cannot learn the offset instead of the task.
     """
     if "-" not in text:
-        return list(parse_depths(text))
+        return parse_depths(text)
     specs: list[DepthSpec] = []
     for item in text.split(","):
         low, _, high = item.partition("-")
