@@ -34,6 +34,7 @@ class TrainSettings:
     steps: int = 100
     sequences_per_step: int = 1  # per data-parallel replica
     max_tokens: int | None = None  # truncate longer sequences
+    group_by_length: bool = False  # each step's sequences share one length (no padding to the longest)
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_from_disk
 
@@ -56,17 +57,36 @@ def trained_tokens(labels: list[int]) -> int:
     return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
+def sequence_lengths(dataset: Dataset, max_tokens: int | None = None) -> list[int]:
+    """Tokens per row (after truncation to max_tokens), read from the Arrow list offsets alone."""
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+    return [min(n, max_tokens) if max_tokens else n for n in lengths]
+
+
 class StepSampler:
-    """Seeded epoch permutations of the dataset, cut into global batches of replicas × sequences."""
+    """Seeded epoch permutations of the dataset, cut into global batches of replicas × sequences.
+
+    With group_by_length, every global batch holds rows of one length: each length's rows are
+    permuted and cut into batches (the last one of a length topped up from the start of its
+    permutation, so no row is skipped), and the epoch's batches are shuffled. A dataset that mixes
+    lengths then trains without padding short sequences with empty chunks up to the longest.
+    """
 
     def __init__(self, dataset: Dataset, replicas: int, sequences_per_replica: int, seed: int,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, group_by_length: bool = False):
         self.dataset = dataset
         self.replicas = replicas
         self.per_replica = sequences_per_replica
         self.seed = seed
         self.max_tokens = max_tokens
         self._orders: dict[int, list[int]] = {}
+        self._batches: dict[int, list[list[int]]] = {}
+        self._groups: list[list[int]] | None = None
+        if group_by_length:
+            groups: dict[int, list[int]] = {}
+            for index, length in enumerate(sequence_lengths(dataset, max_tokens)):
+                groups.setdefault(length, []).append(index)
+            self._groups = [groups[length] for length in sorted(groups)]
 
     @property
     def global_batch(self) -> int:
@@ -78,11 +98,28 @@ class StepSampler:
                                                   generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
         return self._orders[epoch]
 
+    def _grouped_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        batches = []
+        for rows in self._groups:
+            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            for start in range(0, len(order), self.global_batch):
+                batch = order[start:start + self.global_batch]
+                while len(batch) < self.global_batch:  # a short last batch, or a length rarer than one batch
+                    batch += order[:self.global_batch - len(batch)]
+                batches.append(batch)
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def _indices(self, step: int) -> list[int]:
+        if self._groups is not None:
+            per_epoch = sum(-(-len(rows) // self.global_batch) for rows in self._groups)
+            epoch = step // per_epoch
+            if epoch not in self._batches:
+                self._batches = {epoch: self._grouped_batches(epoch)}
+            return self._batches[epoch][step % per_epoch]
         n = len(self.dataset)
         return [self._order(position // n)[position % n]
                 for position in range(step * self.global_batch, (step + 1) * self.global_batch)]
-
     def batch(self, step: int, replica: int) -> StepBatch:
         indices = self._indices(step)
         rows = self.dataset.select(indices)

@@ -178,7 +178,7 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
         tracker.log_params({"run": run.to_dict(), "deepspeed": run.deepspeed_dict()})
 
     sampler = StepSampler(load_training_dataset(run.dataset), replicas, run.train.sequences_per_step,
-                          run.train.seed, run.train.max_tokens)
+                          run.train.seed, run.train.max_tokens, run.train.group_by_length)
     layout = ChunkLayout(run.comet, model.tokens)
     progress = tqdm(total=run.train.steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     losses: list[float] = []

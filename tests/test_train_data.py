@@ -1,0 +1,50 @@
+"""The training sampler: seeded global batches every rank derives alike, optionally one length a step."""
+
+from collections import Counter
+
+from datasets import Dataset
+
+from comet_ds.train.data import StepSampler, sequence_lengths
+
+# 11 rows of 8 tokens, 5 of 16, 2 of 32: with a global batch of 4, the 32s are rarer than one batch
+LENGTHS = [8] * 11 + [16] * 5 + [32] * 2
+
+
+def mixed_dataset() -> Dataset:
+    rows = [[index] * length for index, length in enumerate(LENGTHS)]
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def test_lengths_come_from_the_arrow_offsets_and_respect_max_tokens():
+    dataset = mixed_dataset()
+    assert sequence_lengths(dataset) == LENGTHS
+    assert sequence_lengths(dataset, max_tokens=12) == [min(n, 12) for n in LENGTHS]
+    assert sequence_lengths(dataset.select([12, 0])) == [16, 8]
+
+
+def test_grouped_batches_hold_one_length_and_cover_every_row_each_epoch():
+    sampler = StepSampler(mixed_dataset(), replicas=2, sequences_per_replica=2, seed=5, group_by_length=True)
+    per_epoch = 3 + 2 + 1  # ceil(11/4) + ceil(5/4) + ceil(2/4)
+    for epoch in range(2):
+        seen = Counter()
+        for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            rows = [row for replica in range(2) for row in sampler.batch(step, replica).input_ids]
+            assert len(rows) == 4 and len({len(r) for r in rows}) == 1, step
+            seen.update(r[0] for r in rows)
+        assert set(seen) == set(range(len(LENGTHS)))  # nothing skipped; short groups are topped up
+        assert sum(seen.values()) == 4 * per_epoch
+
+
+def test_grouped_order_is_seeded_and_resumes_at_any_step():
+    def run(seed: int, start: int = 0) -> list[list[int]]:
+        sampler = StepSampler(mixed_dataset(), 1, 4, seed, group_by_length=True)
+        return [[r[0] for r in sampler.batch(step, 0).input_ids] for step in range(start, 14)]
+
+    assert run(seed=5) == run(seed=5)
+    assert run(seed=5)[9:] == run(seed=5, start=9)  # a fresh sampler (a resumed run) at step 9
+    assert run(seed=5) != run(seed=6)
+
+
+def test_ungrouped_batches_mix_lengths():
+    sampler = StepSampler(mixed_dataset(), 1, 6, seed=5)
+    assert any(len({len(r) for r in sampler.batch(step, 0).input_ids}) > 1 for step in range(3))
