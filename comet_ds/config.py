@@ -140,13 +140,49 @@ class CometTokens:
 
 
 def _known_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            hint = difflib.get_close_matches(key, names, n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(names)}"
+    """`values` checked against the fields of `cls`: unknown names and values of the wrong type are
+    errors that name the setting."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(fields)}"
             raise CometConfigError(f"unknown {section} setting {key!r}{suggestion}")
-    return dict(values)
+        checked[key] = _typed(f"{section}.{key}", str(fields[key].type), value)
+    return checked
+
+
+_SCALARS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _typed(name: str, annotation: str, value: Any) -> Any:
+    """`value` as the scalar type `annotation` names ("float", "int | None", ...); other annotations
+    (sections, tuples) pass through for their own checks."""
+    kinds = {kind.strip() for kind in annotation.split("|")}
+    if not kinds <= set(_SCALARS) | {"None"}:
+        return value
+    if value is None and "None" in kinds:
+        return value
+    if "float" in kinds and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if "str" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # run_name: 2024
+    if isinstance(value, bool):
+        ok = "bool" in kinds
+    elif isinstance(value, int):
+        ok = bool(kinds & {"int", "float"})
+    elif isinstance(value, float):
+        ok = "float" in kinds
+    else:
+        ok = isinstance(value, str) and "str" in kinds
+    if not ok:
+        expected = " or ".join(_SCALARS.get(kind, "null") for kind in sorted(kinds, key=lambda k: k == "None"))
+        raise CometConfigError(f"{name} must be {expected} (got {value!r})")
+    return value
 
 
 def parse_token_count(text: str) -> int:

@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from comet_ds.config import CometConfig, CometConfigError, CometTokens
@@ -55,3 +58,19 @@ def test_tokens_must_match_the_number_of_global_slots():
     tokens = CometTokens(placeholder_id=5, temp_beacon_id=6, global_beacon_ids=(7, 8), pad_id=0)
     with pytest.raises(CometConfigError, match="2 global beacon tokens but global_slots is 3"):
         tokens.check_against(CometConfig(chunk_size=16, global_slots=3, temp_stride=4, temp_budget=8))
+
+
+def test_run_config_values_are_typed_and_wrong_types_name_the_setting():
+    from comet_ds.train.config import load_run_config
+
+    stage = Path(__file__).resolve().parents[1] / "launch" / "examples" / "passkey_stage.yaml"
+    run = load_run_config(stage, ["train.lr=1e-3", "train.max_tokens=null", "tracking.run_name=2024"])
+    assert run.train.lr == 0.001 and isinstance(run.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert run.train.max_tokens is None and run.tracking.run_name == "2024"
+    for override, message in [("train.lr=fast", "train.lr must be a number (got 'fast')"),
+                              ("train.steps=1.5", "train.steps must be a whole number (got 1.5)"),
+                              ("train.group_by_length=3", "train.group_by_length must be true or false"),
+                              ("pipeline.bptt_window=all", "bptt_window must be a whole number or null"),
+                              ("comet.chunk_size=[1]", "comet.chunk_size must be a whole number")]:
+        with pytest.raises(CometConfigError, match=re.escape(message)):
+            load_run_config(stage, [override])

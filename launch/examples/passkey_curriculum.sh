@@ -9,17 +9,18 @@ usage() {
 usage: launch/examples/passkey_curriculum.sh [--out DIR] [--scale X] [--procs N] [--pretrain-steps N]
                                              [--eval-lengths LIST]
 
-Builds the tiny base, then trains five stages, each from the previous stage's adapter, and
+Builds the tiny base, then trains six stages, each from the previous stage's adapter, and
 evaluates the last one (sequence lengths in tokens: key depth ranges; a chunk is 128 tokens):
   start    384: 0-0.08                         the key in chunk 0, kept through one gated update
   write    512: 0-0.02, 0.23-0.46              half in chunk 0, half in chunk 1 (the gate must open)
   depths   512: four ranges, chunk 0 to the question's chunk
   every    512: the four ranges to depth 1, plus uniform 0-1
   long     512, 1k, 2k (one length a step): five ranges, 0 to 1
+  settle   2k: the same five ranges, at half the learning rate
 Run it again after an interruption: finished stages are kept, a stage with a checkpoint resumes.
 
   --out DIR            base, data sets, stages and evaluation (default: runs/curriculum)
-  --scale X            multiplies every stage's steps (default: 1 = 14,243 steps of 8 sequences)
+  --scale X            multiplies every stage's steps (default: 1 = 15,043 steps of 8 sequences)
   --procs N            processes per stage (default: 2, the pipeline stages of the DeepSpeed config)
   --pretrain-steps N   of the tiny base, when DIR/base does not exist yet (default: 2500)
   --eval-lengths LIST  passkey evaluation lengths, 11 depths x 10 samples each (default: 2k,32k,64k,
@@ -47,8 +48,8 @@ root=$(cd "$here/../.." && pwd)  # so the script runs from any directory
 
 count() { echo $(( $(tr -cd , <<<"$1" | wc -c) + 1 )); }  # items in a comma list
 previous=""
-stage() {  # name, sequence lengths, depth ranges, steps at scale 1
-  local name=$1 lengths=$2 depths=$3 steps resume=()
+stage() {  # name, sequence lengths, depth ranges, steps at scale 1, settings of this stage only
+  local name=$1 lengths=$2 depths=$3 steps resume=() settings=("${@:5}")
   steps=$(python3 -c "print(max(2, round($4 * $scale)))")
   if [ -d "$out/$name/adapter" ]; then
     echo "== stage $name: done earlier ($out/$name/adapter)"
@@ -65,7 +66,7 @@ stage() {  # name, sequence lengths, depth ranges, steps at scale 1
     "$here/../single_node.sh" --procs "$procs" --config "$here/passkey_stage.yaml" \
       base_model="$out/base" dataset="$out/data/$name" output_dir="$out/$name" train.steps="$steps" \
       deepspeed_config="$root/ds_configs/cpu_fp32_2stage.json" \
-      ${previous:+init_from="$out/$previous/adapter"} "${resume[@]}"
+      ${previous:+init_from="$out/$previous/adapter"} "${settings[@]}" "${resume[@]}"
   fi
   previous=$name
 }
@@ -74,5 +75,6 @@ stage write 512 0-0.02,0.23-0.46 2133
 stage depths 512 0-0.02,0.23-0.46,0.48-0.72,0.75-0.93 4156
 stage every 512 0-0.02,0.23-0.46,0.48-0.72,0.75-1,0-1 2978
 stage long 512,1k,2k 0-0.02,0.02-0.5,0.5-0.9,0.9-1,0-1 1654
-comet-ds eval passkey --model "$out/long/adapter" --lengths "$eval_lengths" --depths 11 --samples 10 \
+stage settle 2k 0-0.02,0.02-0.5,0.5-0.9,0.9-1,0-1 800 train.lr=1e-3
+comet-ds eval passkey --model "$out/settle/adapter" --lengths "$eval_lengths" --depths 11 --samples 10 \
   --out "$out/eval"
