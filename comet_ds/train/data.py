@@ -87,6 +87,7 @@ class StepSampler:
             for index, length in enumerate(sequence_lengths(dataset, max_tokens)):
                 groups.setdefault(length, []).append(index)
             self._groups = [groups[length] for length in sorted(groups)]
+            self._batches_per_epoch = sum(-(-len(rows) // self.global_batch) for rows in self._groups)
 
     @property
     def global_batch(self) -> int:
@@ -112,14 +113,14 @@ class StepSampler:
 
     def _indices(self, step: int) -> list[int]:
         if self._groups is not None:
-            per_epoch = sum(-(-len(rows) // self.global_batch) for rows in self._groups)
-            epoch = step // per_epoch
+            epoch, position = divmod(step, self._batches_per_epoch)
             if epoch not in self._batches:
                 self._batches = {epoch: self._grouped_batches(epoch)}
-            return self._batches[epoch][step % per_epoch]
+            return self._batches[epoch][position]
         n = len(self.dataset)
         return [self._order(position // n)[position % n]
                 for position in range(step * self.global_batch, (step + 1) * self.global_batch)]
+
     def batch(self, step: int, replica: int) -> StepBatch:
         indices = self._indices(step)
         rows = self.dataset.select(indices)
