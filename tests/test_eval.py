@@ -24,7 +24,9 @@ def test_passkey_smoke_run_writes_json_heatmap_and_mlflow(adapter, tmp_path, cap
     out = tmp_path / "eval"
     main(["eval", "passkey", "--model", adapter, "--lengths", "200,400,800", "--depths", "3", "--out", str(out),
           "--baseline", "full-attention", "--baseline-budget-gib", "0.000001", "--threads", "1"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "800 tokens" in captured.err and "retrieved=" in captured.err  # the per-length progress bar
     result = json.loads((out / "passkey.json").read_text())
     assert [r["length"] for r in result["comet"]] == [200, 400, 800]
     for row in result["comet"]:
@@ -55,10 +57,11 @@ def test_full_attention_baseline_runs_where_it_fits(adapter, tmp_path):
     assert result["comet"][1]["skipped"] is None  # CoMeT reads past them
 
 
-def test_qa_scores_exact_match_and_f1(adapter, base_dirs, tmp_path):
+def test_qa_scores_exact_match_and_f1(adapter, base_dirs, tmp_path, capsys):
     prep_main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "200", "--depths", "2",
                "--output", str(tmp_path / "data")])
     main(["eval", "qa", "--model", adapter, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "qa")])
+    assert "exact_match=" in capsys.readouterr().err  # the progress bar
     result = json.loads((tmp_path / "qa" / "qa.json").read_text())
     assert result["scored"] == 2 and result["skipped"] == 0
     assert all(len(r["reference"].strip()) == 5 for r in result["rows"])  # the pass keys

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
@@ -87,6 +88,9 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
         reset_peak_memory()
         in_use = memory_in_use_mib()
         begin, correct, rows = time.perf_counter(), {}, []
+        # counted in tokens: a 1M-token prompt takes over a minute, and tokens/s is the figure to watch
+        bar = tqdm(total=length * len(depths) * samples, desc=f"{length:,} tokens", unit="tok", unit_scale=True,
+                   leave=False, dynamic_ncols=True)
         for depth in depths:
             hits = 0
             for _ in range(samples):
@@ -99,8 +103,11 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
                 hits += hit
                 rows.append({"length": length, "depth": depth, "passkey": passkey, "output": answer,
                              "correct": hit})
+                bar.set_postfix(retrieved=f"{sum(r['correct'] for r in rows)}/{len(rows)}", refresh=False)
+                bar.update(length)
             correct[depth] = hits / samples
         seconds = time.perf_counter() - begin
+        bar.close()
         peak = peak_memory_mib()
         result = LengthResult(length, correct, length * len(depths) * samples / seconds, seconds, peak,
                               peak - in_use, samples=rows)

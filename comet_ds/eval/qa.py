@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from datasets import Dataset
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from comet_ds.layout import IGNORE_INDEX
@@ -37,9 +38,12 @@ def token_f1(prediction: str, reference: str) -> float:
 def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,
                 dataset: Dataset, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
     rows, skipped = [], 0
+    # counts rows read; under a limit the rows needed are unknown (skipped rows do not count toward it)
+    bar = tqdm(total=len(dataset) if limit is None else None, unit="row", leave=False, dynamic_ncols=True)
     for index, row in enumerate(dataset):
         if limit is not None and len(rows) >= limit:
             break
+        bar.update()
         labels = list(row["labels"])
         first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
         if first is None or first == 0:
@@ -54,6 +58,8 @@ def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: 
         rows.append({"index": index, "reference": reference, "prediction": prediction,
                      "exact_match": float(normalize(prediction) == normalize(reference)),
                      "f1": token_f1(prediction, reference)})
+        bar.set_postfix(exact_match=f"{sum(r['exact_match'] for r in rows) / len(rows):.0%}")
+    bar.close()
     if not rows:
         raise ValueError("no row of the dataset has a labelled answer after a prompt")
     return {"exact_match": sum(r["exact_match"] for r in rows) / len(rows),
