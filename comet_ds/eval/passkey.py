@@ -87,7 +87,7 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
         rng = random.Random(seed + length)
         reset_peak_memory()
         in_use = memory_in_use_mib()
-        begin, correct, rows = time.perf_counter(), {}, []
+        begin, correct, rows, retrieved = time.perf_counter(), {}, [], 0
         # counted in tokens: a 1M-token prompt takes over a minute, and tokens/s is the figure to watch
         bar = tqdm(total=length * len(depths) * samples, desc=f"{length:,} tokens", unit="tok", unit_scale=True,
                    leave=False, dynamic_ncols=True)
@@ -101,9 +101,10 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
                 answer = tokenizer.decode(continuation(prompt, KEY_TOKENS), skip_special_tokens=True).strip()
                 hit = answer.startswith(passkey)
                 hits += hit
+                retrieved += hit
                 rows.append({"length": length, "depth": depth, "passkey": passkey, "output": answer,
                              "correct": hit})
-                bar.set_postfix(retrieved=f"{sum(r['correct'] for r in rows)}/{len(rows)}", refresh=False)
+                bar.set_postfix(retrieved=f"{retrieved}/{len(rows)}", refresh=False)
                 bar.update(length)
             correct[depth] = hits / samples
         seconds = time.perf_counter() - begin

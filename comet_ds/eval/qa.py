@@ -37,7 +37,7 @@ def token_f1(prediction: str, reference: str) -> float:
 
 def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,
                 dataset: Dataset, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
-    rows, skipped = [], 0
+    rows, skipped, exact_matches = [], 0, 0.0
     # counts rows read; under a limit the rows needed are unknown (skipped rows do not count toward it)
     bar = tqdm(total=len(dataset) if limit is None else None, unit="row", leave=False, dynamic_ncols=True)
     for index, row in enumerate(dataset):
@@ -58,9 +58,10 @@ def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: 
         rows.append({"index": index, "reference": reference, "prediction": prediction,
                      "exact_match": float(normalize(prediction) == normalize(reference)),
                      "f1": token_f1(prediction, reference)})
-        bar.set_postfix(exact_match=f"{sum(r['exact_match'] for r in rows) / len(rows):.0%}")
+        exact_matches += rows[-1]["exact_match"]
+        bar.set_postfix(exact_match=f"{exact_matches / len(rows):.0%}")
     bar.close()
     if not rows:
         raise ValueError("no row of the dataset has a labelled answer after a prompt")
-    return {"exact_match": sum(r["exact_match"] for r in rows) / len(rows),
+    return {"exact_match": exact_matches / len(rows),
             "f1": sum(r["f1"] for r in rows) / len(rows), "scored": len(rows), "skipped": skipped, "rows": rows}
