@@ -92,7 +92,6 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
         bar = tqdm(total=length * len(depths) * samples, desc=f"{length:,} tokens", unit="tok", unit_scale=True,
                    leave=False, dynamic_ncols=True)
         for depth in depths:
-            hits = 0
             for _ in range(samples):
                 sample = passkey_sample(tokenizer, length, depth, rng, with_text=False)
                 answer_start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
@@ -100,13 +99,12 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
                 del sample  # the prompt is the one thing here that grows with length: keep a single copy
                 answer = tokenizer.decode(continuation(prompt, KEY_TOKENS), skip_special_tokens=True).strip()
                 hit = answer.startswith(passkey)
-                hits += hit
                 retrieved += hit
                 rows.append({"length": length, "depth": depth, "passkey": passkey, "output": answer,
                              "correct": hit})
                 bar.set_postfix(retrieved=f"{retrieved}/{len(rows)}", refresh=False)
                 bar.update(length)
-            correct[depth] = hits / samples
+            correct[depth] = sum(r["correct"] for r in rows[-samples:]) / samples
         seconds = time.perf_counter() - begin
         bar.close()
         peak = peak_memory_mib()
