@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/comet-ds demo --out runs/demo
+	$(BIN)/comet-ds demo --out runs/demo --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -12,7 +12,17 @@ import time
 import warnings
 from pathlib import Path
 
-from comet_ds.argtypes import depths, device, dtype, token_count, token_counts
+from comet_ds.argtypes import (
+    depths,
+    device,
+    dtype,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    token_count,
+    token_counts,
+)
 
 DESCRIPTION = """\
 comet_ds turns a pretrained Hugging Face decoder (Llama, Qwen2/Qwen3, Mistral-style) into a CoMeT
@@ -34,7 +44,7 @@ def cmd_init_base(args: argparse.Namespace) -> None:
     from comet_ds.modeling.tiny_base import init_base
 
     out = init_base(args.out, args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
-                    hidden_size=args.hidden_size, num_layers=args.layers)
+                    overwrite=args.overwrite, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"wrote a tiny {args.arch} base model and tokenizer to {out}")
     _print_pretraining(out)
 
@@ -53,62 +63,119 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if not args.merge:
         raise SystemExit("comet-ds export: only --merge exports exist: pass --merge to write a standalone model")
-    out = export_merged(args.adapter, args.out, base_model=args.base)
+    out = export_merged(args.adapter, args.out, base_model=args.base, allow_base_mismatch=args.allow_base_mismatch,
+                        overwrite=args.overwrite)
     print(f"wrote a standalone CoMeT model (LoRA merged) to {out}")
+
+
+class _ResumeMode(argparse.Action):
+    """--resume [latest|auto]: an optional value that a KEY=VALUE override right after it is not taken for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: str | None,
+                 option: str | None = None) -> None:
+        if value is not None and "=" in value:
+            namespace.late_overrides = [*getattr(namespace, "late_overrides", []), value]
+            value = self.const
+        if value not in ("latest", "auto"):
+            parser.error(f"argument --resume: invalid choice: {value!r} (choose from latest, auto)")
+        setattr(namespace, self.dest, value)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from comet_ds.train.loop import main_from_args
 
-    main_from_args(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume)
+    overrides = [*args.overrides, *getattr(args, "late_overrides", [])]
+    main_from_args(args.config, overrides, dry_run=args.dry_run, resume=args.resume)
 
 
 def _load_for_inference(args: argparse.Namespace):
     """The CoMeT model named by --model/--base on --device in --dtype, and its tokenizer."""
     from comet_ds.modeling.pretrained import load_comet
 
-    model, tokenizer, _ = load_comet(args.model, base_model=args.base, dtype=args.dtype)
+    model, tokenizer, _ = load_comet(args.model, base_model=args.base, dtype=args.dtype,
+                                     allow_base_mismatch=args.allow_base_mismatch)
     return model.to(args.device).eval(), tokenizer
+
+
+def _add_allow_base_mismatch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load the adapter onto a base whose weights differ from the ones it was trained on")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="CoMeT model directory")
     p.add_argument("--base", help="base model directory, if it moved since training")
+    _add_allow_base_mismatch(p)
     p.add_argument("--device", type=device, default="auto",
                    help="auto (default: a GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", type=dtype, default="fp32", help="fp32 (default), bf16 or fp16")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+def _read_prompts(path: str) -> list[dict]:
+    """The rows of a --prompts JSONL file: JSON objects whose "prompt" is a non-empty string."""
+    from comet_ds.config import CometInputError
 
-    prompts = [{"prompt": text} for text in args.prompt or []]
-    if args.prompts:
-        for number, line in enumerate(Path(args.prompts).read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    prompts.append(row if isinstance(row, dict) and "prompt" in row else {"prompt": row["prompt"]})
-                except (json.JSONDecodeError, TypeError, KeyError):
-                    raise SystemExit(f"comet-ds generate: {args.prompts}:{number}: expected a JSON object "
-                                     'with a "prompt" field') from None
+    file = Path(path)
+    if not file.is_file():
+        problem = "is a directory" if file.is_dir() else "does not exist"
+        raise CometInputError(f'--prompts file {path} {problem}: give a JSONL file, one {{"prompt": ...}} per line')
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CometInputError(f"--prompts file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise CometInputError(f'{path}:{number}: expected a JSON object with a "prompt" field')
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise CometInputError(f'{path}:{number}: "prompt" must be a non-empty string (got {row["prompt"]!r})')
+        rows.append(row)
+    return rows
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from comet_ds.config import CometInputError
+    from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+    from data_prep.tokens import TextEncoder
+
+    if any(not text for text in args.prompt or []):
+        raise CometInputError("--prompt is empty: give the text to continue")
+    prompts = [{"prompt": text} for text in args.prompt or []] + (_read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
-        raise SystemExit("comet-ds generate: give --prompt TEXT or --prompts FILE.jsonl")
+        raise CometInputError("no prompts: give --prompt TEXT or --prompts FILE.jsonl with at least one line")
+    if args.output and Path(args.output).is_dir():
+        raise CometInputError(f"--output {args.output} is a directory: give the JSONL file to write")
     model, tokenizer = _load_for_inference(args)
     stops = () if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                 stop_token_ids=stops)
-    generator = StreamingGenerator(model)
+    generator, encoder = StreamingGenerator(model), TextEncoder(tokenizer)
     rows = []
     for row in prompts:
-        new = generator.generate(tokenizer(row["prompt"]).input_ids, settings)
+        # the prompt is text, framed as the tokenizer frames a text (e.g. bos first)
+        new = generator.generate(encoder.encode(row["prompt"], add_special_tokens=True), settings)
         rows.append({**row, "completion": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new)})
         if not args.output:
             print(rows[-1]["completion"], flush=True)
     if args.output:
         Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"wrote {len(rows)} completion(s) to {args.output}")
+
+
+def _claim_eval_directory(args: argparse.Namespace) -> Path:
+    """--out of an eval, checked and created before any loading: new, empty or (with --overwrite) this
+    eval's own earlier directory, whose files are then replaced; outside the model, base and data."""
+    from comet_ds.fs import claim_directory
+
+    inputs = [args.model, *filter(None, [args.base, getattr(args, "data", None)])]
+    return claim_directory(args.out, f"comet-ds eval {args.eval}", overwrite=args.overwrite, inputs=inputs)
 
 
 def cmd_eval_passkey(args: argparse.Namespace) -> None:
@@ -125,6 +192,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
     from comet_ds.modeling.pretrained import read_meta
 
     torch.set_num_threads(args.threads)
+    out = _claim_eval_directory(args)
     model, tokenizer = _load_for_inference(args)
     depths = args.depths
     print(f"CoMeT passkey: {len(args.lengths)} lengths x {len(depths)} depths x {args.samples} sample(s)")
@@ -140,7 +208,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
                                     skip=lambda n: full_attention_fits(base, n, args.baseline_budget_gib))
     params = {"model": str(args.model), "lengths": args.lengths, "depths": depths, "samples": args.samples,
               "seed": args.seed, "baseline": args.baseline}
-    paths = write_passkey_report(Path(args.out), comet, baseline, params)
+    paths = write_passkey_report(out, comet, baseline, params)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -148,14 +216,15 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 def cmd_eval_qa(args: argparse.Namespace) -> None:
     from comet_ds.eval.passkey import comet_continuation
     from comet_ds.eval.qa import evaluate_qa
-    from comet_ds.train.data import load_training_dataset
+    from comet_ds.modeling.tokens import inserted_tokens
+    from comet_ds.train.data import check_token_ids, load_training_dataset
     from comet_ds.train.tracking import Tracker
 
+    out = _claim_eval_directory(args)
     model, tokenizer = _load_for_inference(args)
-    result = evaluate_qa(comet_continuation(model), tokenizer, load_training_dataset(args.data),
-                         args.max_new_tokens, args.limit)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    data = load_training_dataset(args.data)
+    check_token_ids(data, len(tokenizer), inserted_tokens(tokenizer), args.data)  # prompts must be text
+    result = evaluate_qa(comet_continuation(model), tokenizer, data, args.max_new_tokens, args.limit)
     (out / "qa.json").write_text(json.dumps(result, indent=2) + "\n")
     tracker = Tracker(out, "comet_ds-eval", None, "qa", enabled=True)
     tracker.log_params({"model": str(args.model), "data": str(args.data)})
@@ -238,24 +307,31 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    import shutil
+
     import torch
     import yaml
 
+    from comet_ds.fs import claim_directory
     from comet_ds.layout import IGNORE_INDEX, ChunkLayout
     from comet_ds.modeling.pretrained import export_merged, load_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
     from comet_ds.resources import free_port, peak_rss_mib
     from data_prep.cli import main as prep
+    from data_prep.tokens import TextEncoder
 
-    out = Path(args.out).absolute()
+    out = claim_directory(Path(args.out).absolute(), "comet-ds demo", overwrite=args.overwrite)
+    if args.overwrite:  # the earlier demo's training run: a new run refuses to start over its checkpoints
+        shutil.rmtree(out / "train", ignore_errors=True)
     torch.set_num_threads(args.threads)
     step = _Steps()
     with step(f"tiny base model, pretrained {args.pretrain_steps} steps on the built-in corpus (comet-ds init-base)"):
-        base = init_base(out / "base", args.arch, pretrain_steps=args.pretrain_steps)
+        base = init_base(out / "base", args.arch, pretrain_steps=args.pretrain_steps, overwrite=args.overwrite)
         _print_pretraining(base)
     with step("passkey training data (comet-prep passkey)"):
         prep(["passkey", "--tokenizer", str(base), "--lengths", str(args.train_tokens), "--depths", "5",
-              "--samples-per-cell", "8", "--output", str(out / "passkey")])
+              "--samples-per-cell", "8", "--output", str(out / "passkey"),
+              *(["--overwrite"] if args.overwrite else [])])
     run_config = {
         "base_model": str(base), "dataset": str(out / "passkey"), "output_dir": str(out / "train"),
         "deepspeed_config": str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_fp32_2stage.json"),
@@ -274,9 +350,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             raise SystemExit("comet-ds demo: training failed (its output is above)")
     with step("reload the trained adapter, export it with LoRA merged"):
         model, tokenizer, _ = load_comet(out / "train" / "adapter")
-        export_merged(out / "train" / "adapter", out / "merged")
+        export_merged(out / "train" / "adapter", out / "merged", overwrite=args.overwrite)
     text = " ".join(synthetic_corpus(num_lines=6000, seed=1))
-    ids = tokenizer(text, add_special_tokens=False).input_ids[: args.tokens]
+    ids = TextEncoder(tokenizer).encode(text)[: args.tokens]
     layout = ChunkLayout(model.config, model.tokens)
     with step(f"stream {len(ids):,} tokens through the trained model"), torch.inference_mode():
         start = time.perf_counter()
@@ -288,7 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
         from data_prep.passkey import passkey_sample
 
-        sample = passkey_sample(tokenizer, args.train_tokens * 4, 0.5, random.Random(12345))
+        sample = passkey_sample(TextEncoder(tokenizer), args.train_tokens * 4, 0.5, random.Random(12345))
         prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
         new = StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=8))
         print(f"    {len(prompt):,}-token prompt, key {sample.passkey}: generated "
@@ -330,6 +406,10 @@ class _Steps:
             print(f"    done in {time.perf_counter() - self.start:.1f} s", flush=True)
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"{what}; any other non-empty --out is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from comet_ds import __version__
 
@@ -347,12 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "3,500 steps; the default is a short run that makes a working LM.\n\n"
                                    "example: comet-ds init-base --out runs/base --arch qwen3 --pretrain-steps 4000",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="directory to write (created)")
+    p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
+    _add_overwrite(p, "replace --out if it holds an earlier comet-ds init-base output")
     p.add_argument("--arch", choices=["llama", "qwen3", "qwen2", "mistral"], default="llama",
                    help="decoder family (default: llama)")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers (default: 4)")
-    p.add_argument("--hidden-size", type=int, default=64, help="hidden size (default: 64)")
-    p.add_argument("--pretrain-steps", type=int, default=400,
+    p.add_argument("--layers", type=positive_int, default=4, help="decoder layers (default: 4)")
+    p.add_argument("--hidden-size", type=positive_int, default=64, help="hidden size (default: 64)")
+    p.add_argument("--pretrain-steps", type=non_negative_int, default=400,
                    help="pretraining steps of 16 x 256 tokens; 0 leaves the weights random (default: 400)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_base)
@@ -363,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "example: comet-ds export --adapter runs/demo/adapter --merge --out runs/merged",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="CoMeT model directory (a checkpoint's adapter directory)")
-    p.add_argument("--out", required=True, help="directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
+    _add_overwrite(p, "replace --out if it holds an earlier comet-ds export output")
     p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (required)")
     p.add_argument("--base", help="base model directory, if it moved since training")
+    _add_allow_base_mismatch(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train", help="fine-tune on DeepSpeed pipeline stages (run it under the deepspeed launcher)",
@@ -380,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, partition and memory "
                                                          "estimate, then exit")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--resume", nargs="?", const="latest", action=_ResumeMode, metavar="{latest,auto}",
+                   help="continue from the newest checkpoint in output_dir, which must verify against its "
+                        "manifest; --resume auto: from the newest one that verifies")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate from a CoMeT model, streaming prompts of any length",
@@ -396,11 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help='JSONL file, one {"prompt": ...} object per line (other fields are kept)')
     p.add_argument("--output", help="write JSONL results here instead of printing completions")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature, > 0 (default: 1)")
+    p.add_argument("--top-k", type=non_negative_int, default=0,
+                   help="sample from the k likeliest tokens; 0: from all (default)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.set_defaults(func=cmd_generate)
@@ -420,13 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated context lengths (default: 1k,4k,16k)")
     p.add_argument("--depths", default="5", type=depths,
                    help="a number of evenly spaced depths, or fractions like 0.1,0.5 (default: 5)")
-    p.add_argument("--samples", type=int, default=1, help="samples per (length, depth) (default: 1)")
+    p.add_argument("--samples", type=positive_int, default=1, help="samples per (length, depth) (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", choices=["none", "full-attention"], default="none")
-    p.add_argument("--baseline-budget-gib", type=float, default=8.0,
+    p.add_argument("--baseline-budget-gib", type=positive_float, default=8.0,
                    help="skip full-attention lengths whose attention scores would exceed this (default: 8)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--out", default="runs/eval", help="output directory, new or empty (default: runs/eval)")
+    _add_overwrite(p, "write into --out if an earlier comet-ds eval passkey wrote there, replacing its files")
     p.set_defaults(func=cmd_eval_passkey)
     p = evals.add_parser("qa", help="exact match and token F1 on a comet-prep dataset",
                          description="Continue each row's prompt (the tokens before its labelled answer) and "
@@ -435,9 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_arguments(p)
     p.add_argument("--data", required=True, help="a comet-prep output directory")
-    p.add_argument("--max-new-tokens", type=int, help="default: the answer's length + 4")
-    p.add_argument("--limit", type=int, help="score at most this many questions")
-    p.add_argument("--out", default="runs/eval_qa", help="output directory (default: runs/eval_qa)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="default: the answer's length + 4")
+    p.add_argument("--limit", type=positive_int, help="score at most this many questions")
+    p.add_argument("--out", default="runs/eval_qa", help="output directory, new or empty (default: runs/eval_qa)")
+    _add_overwrite(p, "write into --out if an earlier comet-ds eval qa wrote there, replacing its files")
     p.set_defaults(func=cmd_eval_qa)
 
     p = sub.add_parser("bench", help="benchmarks (results belong in docs/BENCHMARKS.md)")
@@ -451,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sequence lengths (default: 4k,32k,256k)")
     p.add_argument("--base", help="base model directory (default: a tiny base built in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     p.add_argument("--json", help="also write the result rows to this JSON file")
     p.set_defaults(func=cmd_bench_forward)
 
@@ -464,9 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=token_count, default=16384, help="sequence for the throughput runs (default: 16k)")
     p.add_argument("--memory-lengths", default="32k,1m", type=token_counts,
                    help="training sequence lengths for the memory runs (default: 32k,1m)")
-    p.add_argument("--bptt-window", type=int, default=8, help="BPTT window of the memory runs (default: 8)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per throughput run (default: 2)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of throughput runs (default: 2)")
+    p.add_argument("--bptt-window", type=positive_int, default=8, help="BPTT window of the memory runs (default: 8)")
+    p.add_argument("--steps", type=positive_int, default=2, help="timed steps per throughput run (default: 2)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="interleaved rounds of throughput runs (default: 2)")
     p.add_argument("--base", help="base model directory (default: a 4-layer tiny base built in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -483,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sizes of the generated CSVs in MB (default: 50,200)")
     p.add_argument("--agent-logs-mb", type=float, default=50.0, help="size of the agent-log JSONL (default: 50; "
                                                                        "0 skips it)")
-    p.add_argument("--num-proc", type=int, default=1, help="comet-prep --num-proc (default: 1)")
+    p.add_argument("--num-proc", type=positive_int, default=1, help="comet-prep --num-proc (default: 1)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: a tiny base's, built in --workdir)")
     p.add_argument("--workdir", default="runs/bench-prep", help="inputs and outputs (default: runs/bench-prep)")
     p.add_argument("--json", help="also write the result rows to this JSON file")
@@ -496,14 +584,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and evaluate passkey retrieval up to 32x the training length.\n\n"
                                    "example: comet-ds demo --out runs/demo",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="output directory, new or empty (default: runs/demo)")
+    _add_overwrite(p, "start over in --out if an earlier demo wrote it, replacing everything that demo wrote")
     p.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
-    p.add_argument("--pretrain-steps", type=int, default=400,
+    p.add_argument("--pretrain-steps", type=non_negative_int, default=400,
                    help="pretraining steps of the tiny base (default: 400)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
-    p.add_argument("--train-tokens", type=int, default=1024, help="tokens per training sample (default: 1024)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens to stream after training (default: 32768)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads outside training (default: 2)")
+    p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
+    p.add_argument("--train-tokens", type=positive_int, default=1024, help="tokens per training sample (default: 1024)")
+    p.add_argument("--tokens", type=positive_int, default=32768,
+                   help="tokens to stream after training (default: 32768)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch threads outside training (default: 2)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -520,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from dependencies
     try:
         args.func(args)
-    except (CometInputError, FileNotFoundError) as err:
+    # bad input: CometInputError; paths that cannot be read or written (missing, a directory, no permission): OSError
+    except (CometInputError, OSError, UnicodeDecodeError) as err:
         print(f"comet-ds: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -67,7 +67,8 @@ class CometConfig:
              "temp_budget must be >= 1 while the temporary memory is on "
              "(set temp_stride=-1 to turn it off)")
         need(self.bottleneck_rank >= 1, f"bottleneck_rank must be >= 1 (got {self.bottleneck_rank})")
-        need(isinstance(self.memory_lr_multiplier, (int, float)) and self.memory_lr_multiplier > 0,
+        need(isinstance(self.memory_lr_multiplier, (int, float)) and math.isfinite(self.memory_lr_multiplier)
+             and self.memory_lr_multiplier > 0,
              f"memory_lr_multiplier must be a positive number (got {self.memory_lr_multiplier!r})")
 
     @property

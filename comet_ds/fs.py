@@ -1,13 +1,107 @@
-"""Filesystem helpers: directories that appear whole or not at all."""
+"""Filesystem helpers: output directories that appear whole or not at all, and only where nothing
+the user keeps would be lost.
+
+A command writes its output into a new or empty directory. Every directory it writes holds
+OUTPUT_MARKER naming the command, so a later run of the same command may replace it (overwrite=True,
+`--overwrite` on the command line); anything else that is not empty is refused. What a command reads
+(inputs, tokenizer, model directories) never lies inside, equals or contains its output.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from comet_ds.config import CometInputError
+
+OUTPUT_MARKER = ".comet_ds-output.json"
+
+
+class OutputDirectoryError(CometInputError):
+    """An output directory that must not or cannot be written; the message says what to change."""
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether `path` is `folder` or lies under it, symlinks resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _owner(directory: Path) -> str | None:
+    """The command whose output `directory` is, from its marker; None for anything else."""
+    try:
+        return json.loads((directory / OUTPUT_MARKER).read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_output(target: str | Path, command: str, *, overwrite: bool = False,
+                 inputs: Iterable[str | Path] = ()) -> None:
+    """Raise OutputDirectoryError unless `command` may write the directory `target`: it is outside
+    every path in `inputs` and they are outside it, its location is writable, and it is new, empty
+    or (with `overwrite`) an earlier output of `command`. Cheap: callers run it before any work."""
+    target = Path(target)
+    for path in inputs:
+        holds, within = is_inside(path, target), is_inside(target, path)
+        if holds or within:
+            where = "is the same as" if holds and within else "would hold" if holds else "lies inside"
+            raise OutputDirectoryError(f"the output {target} {where} {path}, which {command} reads: choose an "
+                                       "output directory outside it")
+    if target.exists() and not target.is_dir():
+        raise OutputDirectoryError(f"{target} is a file: name a directory to write")
+    location = target.absolute().parent
+    while not location.exists():
+        location = location.parent
+    if not location.is_dir():
+        raise OutputDirectoryError(f"{location} is a file, so {target} cannot be created: "
+                                   "name a directory to write")
+    if not os.access(location, os.W_OK | os.X_OK):
+        raise OutputDirectoryError(f"cannot write in {location}: choose a writable place for {target}")
+    if target.is_dir() and any(p.name != OUTPUT_MARKER for p in target.iterdir()):
+        owner = _owner(target)
+        if owner is None:
+            raise OutputDirectoryError(f"{target} is not empty and was not written by {command}: "
+                                       "choose a new or empty directory")
+        if owner != command:
+            raise OutputDirectoryError(f"{target} holds a {owner} output, not a {command} one: "
+                                       "choose a new or empty directory")
+        if not overwrite:
+            raise OutputDirectoryError(f"{target} holds an earlier {command} output: pass --overwrite "
+                                       "to replace it")
+
+
+def _mark(directory: Path, command: str) -> None:
+    (directory / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
+
+
+@contextlib.contextmanager
+def output_directory(target: str | Path, command: str, *, overwrite: bool = False,
+                     inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a scratch directory that becomes `target`, marked as `command`'s output, once the block
+    finishes; check_output runs before the block and again just before the swap, so a long run never
+    replaces a directory that appeared meanwhile."""
+    inputs = list(inputs)
+    check_output(target, command, overwrite=overwrite, inputs=inputs)
+    with atomic_directory(target) as scratch:
+        yield scratch
+        _mark(scratch, command)
+        check_output(target, command, overwrite=overwrite, inputs=inputs)
+
+
+def claim_directory(target: str | Path, command: str, *, overwrite: bool = False,
+                    inputs: Iterable[str | Path] = ()) -> Path:
+    """Create and mark `target` for a command that writes files into it in place (not atomically),
+    after the same checks as output_directory; its own earlier files are all it may replace."""
+    target = Path(target)
+    check_output(target, command, overwrite=overwrite, inputs=inputs)
+    target.mkdir(parents=True, exist_ok=True)
+    _mark(target, command)
+    return target
 
 
 @contextlib.contextmanager
@@ -15,7 +109,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces `target` only once the block finishes.
 
     A crash inside the block leaves any previous `target` untouched (the scratch directory
-    is removed); the swap itself is two renames on the same filesystem.
+    is removed); the swap itself is two renames on the same filesystem. Whether `target` may be
+    replaced at all is the caller's question: output_directory asks it.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def is_failure(result: str) -> bool:
         parsed = json.loads(result)
         if isinstance(parsed, dict) and parsed.get("error"):
             return True
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, RecursionError):  # not JSON, or nested past the recursion limit: read as text
         pass
     return result.strip().lower().startswith(("error", "traceback", "exception", "failed"))
 

@@ -7,13 +7,23 @@ import functools
 import itertools
 import math
 import random
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
-from comet_ds.argtypes import depth_specs, token_count, token_counts
+from comet_ds.argtypes import (
+    choice_list,
+    column_mapping,
+    depth_specs,
+    positive_float,
+    positive_int,
+    token_count,
+    token_counts,
+)
+from comet_ds.fs import OutputDirectoryError, check_output, is_inside
 from data_prep.output import DatasetWriter, file_sha256
 from data_prep.parallel import ordered_map
 
@@ -45,6 +55,25 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
         if not path.is_file():
             raise SystemExit(f"comet-prep {args.command}: input {path} does not exist")
     return inputs
+
+
+def _command(args: argparse.Namespace) -> str:
+    return f"comet-prep {args.command}"
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an --output that must not or cannot be written before any work: not after an hour of it."""
+    check_output(args.output, _command(args), overwrite=args.overwrite,
+                 inputs=[args.tokenizer, *getattr(args, "inputs", [])])
+    spill = getattr(args, "spill_dir", None)
+    if spill and is_inside(spill, args.output):
+        raise OutputDirectoryError(f"--spill-dir {spill} lies inside --output {args.output}: put the spill "
+                                   "buckets elsewhere")
+
+
+def _writer(args: argparse.Namespace, inputs: Iterable[Path] = (), keep_rejects: bool = True) -> DatasetWriter:
+    return DatasetWriter(args.output, args.tokenizer, _command(args), overwrite=args.overwrite, inputs=inputs,
+                         keep_rejects=keep_rejects)
 
 
 def _reject(writer: DatasetWriter, args: argparse.Namespace, path: Path, line: int, reason: Exception) -> None:
@@ -83,7 +112,7 @@ def cmd_retrieval(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)  # one seed per sample: the same samples at any --num-proc
     cells = itertools.product(args.lengths, args.depths, range(args.samples_per_cell))
     tasks = [(i, args.command, length, depth, rng.randrange(2**63)) for i, (length, depth, _) in enumerate(cells)]
-    with DatasetWriter(args.output, args.tokenizer, keep_rejects=False) as writer:
+    with _writer(args, keep_rejects=False) as writer:
         rows = ordered_map(jobs.retrieval_row, tasks, args.num_proc, args.tokenizer)
         for row in tqdm(rows, total=len(tasks), unit=" samples", disable=args.quiet):
             writer.add(row)
@@ -101,8 +130,7 @@ def cmd_agent_logs(args: argparse.Namespace) -> None:
     _check_tokenizer(args)
     job = functools.partial(jobs.trajectory_rows, kinds=tuple(args.kinds), questions_per_log=args.questions_per_log,
                             seed=args.seed, max_tokens=args.max_tokens)
-    with DatasetWriter(args.output, args.tokenizer) as writer, \
-            tqdm(unit=" records", disable=args.quiet) as progress:
+    with _writer(args, inputs) as writer, tqdm(unit=" records", disable=args.quiet) as progress:
         read = 0
 
         def trajectories() -> Iterator:
@@ -128,15 +156,17 @@ def cmd_agent_logs(args: argparse.Namespace) -> None:
 
 def cmd_user_behavior(args: argparse.Namespace) -> None:
     from data_prep import jobs
-    from data_prep.user_behavior import UserBuckets, read_events, spill_directory
+    from data_prep.user_behavior import UserBuckets, check_columns, read_events, spill_directory
 
-    mapping = dict(pair.split("=", 1) for pair in args.columns.split(",")) if args.columns else {}
+    mapping = args.columns or {}
     inputs = _inputs(args)
+    for path in inputs:
+        check_columns(path, mapping)
     _check_tokenizer(args)
     buckets = max(1, math.ceil(sum(p.stat().st_size for p in inputs) / 2**20 / args.bucket_mb))
     job = functools.partial(jobs.user_rows, questions_per_user=args.questions_per_user, seed=args.seed,
                             max_tokens=args.max_tokens)
-    with spill_directory(args.spill_dir) as scratch, DatasetWriter(args.output, args.tokenizer) as writer:
+    with spill_directory(args.spill_dir) as scratch, _writer(args, inputs) as writer:
         spill = UserBuckets(buckets, Path(scratch))
         read = 0
         with tqdm(unit=" events", disable=args.quiet) as progress:
@@ -166,11 +196,15 @@ def _shared_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=token_count,
                    help="leave out samples longer than this, e.g. 32k (counted in the summary)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-proc", type=int, default=1,
+    p.add_argument("--num-proc", type=positive_int, default=1,
                    help="processes that render and tokenise (default: 1, which tokenises on a thread beside "
                         "the reading one); the output is the same for any value")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--output", required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument("--output", required=True,
+                   help="dataset directory to write: new or empty; it appears whole once the data is complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it holds an earlier output of this same command (anything else "
+                        "is refused)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--depths", type=depth_specs, default=[0.5],
                        help="a count of evenly spaced depths, fractions like 0.1,0.5, or ranges like 0-0.05,"
                             "0.25-0.5 that each sample draws its depth from uniformly (default: 0.5)")
-        p.add_argument("--samples-per-cell", type=int, default=1, help="samples per (length, depth) (default: 1)")
+        p.add_argument("--samples-per-cell", type=positive_int, default=1,
+                       help="samples per (length, depth) (default: 1)")
         p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("agent-logs", help="agent trajectories (OpenAI, ShareGPT, CoMeT chat JSONL) → SFT and QA",
@@ -204,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="JSONL files")
     _shared_options(p)
     p.add_argument("--format", choices=["auto", "openai", "sharegpt", "comet"], default="auto")
-    p.add_argument("--kinds", type=lambda s: s.split(","), default=["sft", "qa"], help="sft,qa (default: both)")
-    p.add_argument("--questions-per-log", type=int, default=4, help="QA samples per trajectory (default: 4)")
+    p.add_argument("--kinds", type=choice_list("sft", "qa"), default=["sft", "qa"], help="sft,qa (default: both)")
+    p.add_argument("--questions-per-log", type=positive_int, default=4, help="QA samples per trajectory (default: 4)")
     p.add_argument("--strict", action="store_true", help="fail if any record is rejected")
     p.set_defaults(func=cmd_agent_logs)
 
@@ -221,10 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="CSV, TSV or JSONL files")
     _shared_options(p)
-    p.add_argument("--columns", help="our=theirs pairs for other layouts, e.g. user_id=visitorid,timestamp=ts")
-    p.add_argument("--questions-per-user", type=int, default=3, help="QA samples per user (default: 3)")
-    p.add_argument("--max-events-per-user", type=int, help="keep each user's most recent N events")
-    p.add_argument("--bucket-mb", type=float, default=32.0,
+    p.add_argument("--columns", type=column_mapping,
+                   help="our=theirs pairs for other layouts, e.g. user_id=visitorid,timestamp=ts")
+    p.add_argument("--questions-per-user", type=positive_int, default=3, help="QA samples per user (default: 3)")
+    p.add_argument("--max-events-per-user", type=positive_int, help="keep each user's most recent N events")
+    p.add_argument("--bucket-mb", type=positive_float, default=32.0,
                    help="input MB per spill bucket: grouping holds one bucket's events in memory, about 6x "
                         "its size (default: 32)")
     p.add_argument("--spill-dir", help="where the spill buckets go (default: the system temp directory)")
@@ -233,13 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so the scratch and spill directories are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        _check_output(args)
         args.func(args)
     except (ValueError, OSError) as err:
         print(f"comet-prep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{_command(args)}: interrupted; no scratch or spill directory left behind", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from comet_ds.fs import atomic_directory
+from comet_ds.fs import output_directory
 from data_prep.qa import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -57,19 +58,22 @@ class DatasetWriter:
     """Streams samples into a `datasets` Arrow dataset, written atomically with its manifest and
     rejects.jsonl; memory holds one Arrow batch, never the whole dataset.
 
-        with DatasetWriter(output, tokenizer_dir) as writer:
+        with DatasetWriter(output, tokenizer_dir, "comet-prep passkey") as writer:
             writer.reject(file, line, reason)   # a malformed input record, kept with its reason
             writer.add(row)                     # input_ids, labels, source, sample_id, text, ...
             writer.finish(extra)                # nothing is published unless this runs
 
-    Leaving the block without finish(), or with an exception, leaves `output` untouched. The rows go
-    straight into the dataset's one shard in the layout `save_to_disk` writes (`load_from_disk`
-    reads it): re-saving through `datasets` would read the whole file back through memory.
+    Leaving the block without finish(), or with an exception, leaves `output` untouched. `output` is
+    written as comet_ds.fs.output_directory allows: new, empty, or an earlier output of `command` with
+    `overwrite`, and outside the tokenizer and `inputs`. The rows go straight into the dataset's one
+    shard in the layout `save_to_disk` writes (`load_from_disk` reads it): re-saving through
+    `datasets` would read the whole file back through memory.
     """
 
-    def __init__(self, output: str | Path, tokenizer_dir: str | Path, batch_rows: int = 64,
-                 keep_rejects: bool = True):
+    def __init__(self, output: str | Path, tokenizer_dir: str | Path, command: str, *, overwrite: bool = False,
+                 inputs: Iterable[str | Path] = (), batch_rows: int = 64, keep_rejects: bool = True):
         self.output, self.tokenizer_dir, self.batch_rows = output, tokenizer_dir, batch_rows
+        self.command, self.overwrite, self.inputs = command, overwrite, [tokenizer_dir, *inputs]
         self.keep_rejects = keep_rejects
         self.samples = self.tokens = self.trained_tokens = self.rejected = 0
         self.shortest, self.longest = None, 0
@@ -78,7 +82,8 @@ class DatasetWriter:
         self._pending: list[dict[str, Any]] = []
 
     def __enter__(self) -> DatasetWriter:
-        self._scratch_context = atomic_directory(self.output)
+        self._scratch_context = output_directory(self.output, self.command, overwrite=self.overwrite,
+                                                 inputs=self.inputs)
         self.scratch = self._scratch_context.__enter__()
         (self.scratch / "data").mkdir()
         self._rejects = open(self.scratch / "rejects.jsonl", "w", encoding="utf-8")

@@ -1,4 +1,10 @@
-"""The tokenizer as comet-prep uses it: text → token ids without special tokens, one text or a batch.
+"""The tokenizer as comet-prep and comet-ds use it on raw text: text → token ids, one text or a batch.
+
+Raw text (logs, prompts, documents) is data, never control: a special token's string written in it —
+a CoMeT beacon such as `<beacon>` or `<|memory|>`, or the base's `</s>` — is encoded as the characters
+it is made of, never as the token's id. Otherwise a log that mentions `<beacon_3>` puts an inserted
+token into the inputs and the labels, and training on it diverges. Special ids come only from the
+tokenizer's own framing (bos/eos templates), and only when a caller asks for them.
 
 A fast tokenizer's own `tokenizer.json` is loaded with the `tokenizers` library alone. Going through
 transformers would import torch, seconds of start-up in every comet-prep process and worker for
@@ -12,9 +18,12 @@ import json
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def int32_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -27,7 +36,7 @@ def int32_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 class Encoder(Protocol):
-    """What sample builders need of a tokenizer; a transformers tokenizer is one too."""
+    """What sample builders need of a tokenizer: a TextEncoder."""
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
@@ -35,16 +44,22 @@ class Encoder(Protocol):
 
 
 class TextEncoder:
-    """A local tokenizer directory's encoder. `encode_batch` releases the GIL while it runs, so a
-    thread can tokenise while another renders the next samples."""
+    """Encodes raw text as text, from a local tokenizer directory or a loaded transformers tokenizer.
 
-    def __init__(self, tokenizer_dir: str | Path):
-        directory = Path(tokenizer_dir)
+    `encode_batch` releases the GIL while it runs (on the `tokenizers` path), so a thread can tokenise
+    while another renders the next samples.
+    """
+
+    def __init__(self, tokenizer: str | Path | PreTrainedTokenizerBase):
+        self._fast = self._slow = None
+        if not isinstance(tokenizer, (str, Path)):
+            self._slow = tokenizer
+            return
+        directory = Path(tokenizer)
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} is not a directory")
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        self._fast = self._slow = None
         # settings with which transformers alters the file's pipeline or the decoded text at load time
         adjusted = config.get("clean_up_tokenization_spaces") or any(
             config.get(key) is not None for key in ("add_prefix_space", "legacy"))
@@ -52,22 +67,24 @@ class TextEncoder:
             from tokenizers import Tokenizer
 
             self._fast = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self._fast.encode_special_tokens = True  # special tokens' strings in the text stay text
         else:
             from transformers import AutoTokenizer
 
             self._slow = AutoTokenizer.from_pretrained(str(directory))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ids of `text` read as text; add_special_tokens adds the tokenizer's own framing (e.g. bos)."""
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
-        return self._slow.encode(text, add_special_tokens=add_special_tokens)
+        return self._slow(text, add_special_tokens=add_special_tokens, split_special_tokens=True).input_ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text, without special tokens."""
+        """Ids of each text read as text, without framing tokens."""
         if self._fast is not None:
             # the _fast variant skips character offsets, which we never read: about twice the speed
             return [e.ids for e in self._fast.encode_batch_fast(list(texts), add_special_tokens=False)]
-        return self._slow(list(texts), add_special_tokens=False).input_ids
+        return self._slow(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
 
     def decode(self, ids: list[int]) -> str:
         if self._fast is not None:

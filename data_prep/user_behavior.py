@@ -14,7 +14,6 @@ import csv
 import ctypes
 import functools
 import io
-import math
 import re
 import tempfile
 import zlib
@@ -29,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import csv as pa_csv
 
-from data_prep.agent_logs import Rejection, read_jsonl
+from data_prep.agent_logs import Rejection, json_type, read_jsonl
 from data_prep.qa import LazyPool, Question, QuestionPools
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
@@ -39,12 +38,14 @@ EVENT_SCHEMA = pa.schema([("user", pa.string()), ("timestamp", pa.int64()), ("it
 _SORT_KEYS = [(name, "ascending") for name in EVENT_SCHEMA.names]  # a user's events in time order
 _END_OF_TIME = 253_402_300_800  # 10000-01-01: from here on a time cannot be written as a date
 _LARGEST_SECONDS = 100_000_000_000  # larger numbers are milliseconds (this is year 5138 in seconds)
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")  # a fraction or an exponent
 _PACKED_USERS = 1 << 25  # below this many users in a bucket, (user rank, time) packs into one int64
 _BLOCK_BYTES = 1 << 22
 _BATCH_EVENTS = 1 << 16
 # Bytes whose rules Arrow's reader does not share with the per-line path: quoting, '\r' (a line end
 # to Arrow, not to us) and control characters (some of which str.strip takes for whitespace).
 _NEEDS_PER_LINE_RULES = re.compile(rb'["\r\x00-\x08\x0b-\x1f]')
+_JSON_FIELD_TYPES = {str, int, float, type(None)}  # values a CSV field could hold (None: absent); not bool
 
 
 class History(NamedTuple):
@@ -59,23 +60,23 @@ class History(NamedTuple):
 
 
 def _timestamp(text: str) -> int:
-    if text.isdecimal():  # the common case: seconds or milliseconds since the epoch
-        number = int(text)
-        number = number // 1000 if number > _LARGEST_SECONDS else number
-    else:
-        try:
-            number = float(text)
-        except ValueError:
-            try:
-                return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp())
-            except ValueError:
-                raise Rejection(f"bad timestamp {text[:30]!r}") from None
-        if not math.isfinite(number) or number < 0:
-            raise Rejection(f"bad timestamp {text[:30]!r}")
-        number = int(number / 1000) if number > _LARGEST_SECONDS else int(number)
-    if not 0 <= number < _END_OF_TIME:
+    """Seconds since the epoch, from seconds or milliseconds (told apart by size: 10 digits are seconds,
+    13 milliseconds) or an ISO 8601 time (UTC unless it names a zone). Digits must be ASCII: int() and
+    float() would also read full-width and other scripts' digits."""
+    try:
+        if not text.isascii():
+            raise ValueError
+        if text.isdecimal() or _DECIMAL.fullmatch(text):  # the common case: a number
+            number = int(text) if text.isdecimal() else float(text)
+            seconds = int(number // 1000 if number > _LARGEST_SECONDS else number)
+        else:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            seconds = int((parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)).timestamp())
+    except (ValueError, OverflowError):  # OverflowError: an exponent past float's range
+        raise Rejection(f"bad timestamp {text[:30]!r}") from None
+    if not 0 <= seconds < _END_OF_TIME:
         raise Rejection(f"timestamp {text[:30]!r} is outside the years 1970 to 9999")
-    return number
+    return seconds
 
 
 _DAYS: dict[int, str] = {}
@@ -133,7 +134,11 @@ def _per_line(lines: Iterable[tuple[int, bytes]], delimiter: str, width: int, or
             yield number, Rejection("not UTF-8")
             continue
         if '"' in text:  # quoted fields: the csv module's rules
-            values = next(csv.reader(io.StringIO(text), delimiter=delimiter))
+            try:
+                values = next(csv.reader([text.rstrip("\r\n")], delimiter=delimiter))
+            except csv.Error as err:  # a field over csv.field_size_limit(), a line break outside quotes
+                yield number, Rejection(f"bad CSV line: {str(err).split(' - ')[0]}")  # not its advice on open()
+                continue
         else:
             values = text.rstrip("\r\n").split(delimiter)
         if len(values) != width:
@@ -171,8 +176,8 @@ def _block_as_batch(block: bytes, delimiter: str, columns: list[str], wanted: li
     user, item, category, behavior, stamp = (pc.utf8_trim_whitespace(table[name]) for name in wanted)
     if any(pc.min(pc.binary_length(c)).as_py() == 0 for c in (user, item, category, behavior, stamp)):
         return None  # a blank value
-    if not pc.all(pc.utf8_is_decimal(stamp)).as_py():
-        return None  # dates or fractions: the per-line parser reads them
+    if not pc.all(pc.ascii_is_decimal(stamp)).as_py():
+        return None  # dates, fractions or non-ASCII digits: the per-line parser reads or rejects them
     try:
         seconds = pc.cast(stamp, pa.int64())
     except pa.ArrowInvalid:  # too many digits for int64: rejected per line
@@ -199,11 +204,15 @@ def _blocks(handle: io.BufferedReader, first_line: int) -> Iterator[tuple[int, b
         yield first_line, rest
 
 
+def _first_line(first: bytes) -> tuple[str, list[str]]:
+    """(delimiter, fields) of a CSV/TSV file's first line, which may be a header."""
+    delimiter = "\t" if b"\t" in first else ","
+    return delimiter, [c.strip() for c in first.decode("utf-8", "replace").strip().split(delimiter)]
+
+
 def _read_delimited(path: Path, wanted: list[str]) -> Iterator[Item]:
     with open(path, "rb") as handle:
-        first = handle.readline()
-        delimiter = "\t" if b"\t" in first else ","
-        header = [c.strip() for c in first.decode("utf-8", "replace").strip().split(delimiter)]
+        delimiter, header = _first_line(handle.readline())
         has_header = set(wanted) <= set(header)
         names = header if has_header else list(TAOBAO_COLUMNS)
         order = [names.index(name) if name in names else None for name in wanted]
@@ -227,7 +236,12 @@ def _read_json_lines(path: Path, wanted: list[str]) -> Iterator[Item]:
         if isinstance(record, Rejection):
             yield number, record
             continue
-        values = [None if (v := record.get(name)) is None else str(v).strip() for name in wanted]
+        values = [record.get(name) for name in wanted]
+        if not _JSON_FIELD_TYPES.issuperset(map(type, values)):
+            name, value = next((n, v) for n, v in zip(wanted, values) if type(v) not in _JSON_FIELD_TYPES)
+            yield number, Rejection(f"{name} is {json_type(value)}, not a string or a number")
+            continue
+        values = [None if value is None else str(value).strip() for value in values]
         if (rejection := buffer.add(values, wanted)) is not None:
             yield number, rejection
         if (batch := buffer.take(_BATCH_EVENTS)) is not None:
@@ -236,15 +250,43 @@ def _read_json_lines(path: Path, wanted: list[str]) -> Iterator[Item]:
         yield batch
 
 
+def _is_json_lines(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.readline().lstrip().startswith(b"{")
+
+
 def read_events(path: Path, mapping: dict[str, str]) -> Iterator[Item]:
     """Record batches of good events (EVENT_SCHEMA) and (line, rejection) pairs, in file order.
 
     CSV/TSV with or without a header, or JSONL objects; `mapping` maps our column names to the file's.
     """
     wanted = [mapping.get(c, c) for c in TAOBAO_COLUMNS]
-    with open(path, "rb") as handle:
-        is_json = handle.readline().lstrip().startswith(b"{")
-    return _read_json_lines(path, wanted) if is_json else _read_delimited(path, wanted)
+    return _read_json_lines(path, wanted) if _is_json_lines(path) else _read_delimited(path, wanted)
+
+
+def check_columns(path: Path, mapping: dict[str, str]) -> None:
+    """Raise ValueError, in one line, where a column `mapping` names is not in the file: in the header of a
+    CSV/TSV file (one whose first line holds any of the wanted columns), else in its first JSON object.
+    Without the check every event would be rejected for it, one by one."""
+    if not mapping:
+        return
+    wanted = [mapping.get(c, c) for c in TAOBAO_COLUMNS]
+    if _is_json_lines(path):
+        present = next((list(record) for _, record in read_jsonl(path) if isinstance(record, dict)), None)
+        if present is None:  # no object to compare with: each line's rejection says why
+            return
+        missing = [name for name in mapping.values() if name not in present]
+        where = "its first object has"
+    else:
+        with open(path, "rb") as handle:
+            _, present = _first_line(handle.readline())
+        names = present if set(wanted) & set(present) else TAOBAO_COLUMNS  # a header, or the default layout
+        missing = [name for name in wanted if name not in names]
+        where = "its first line has"
+    if missing:
+        shown = ", ".join(present[:20]) + (", ..." if len(present) > 20 else "")
+        raise ValueError(f"--columns: {path} has no column{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))} ({where}: {shown[:300]})")
 
 
 def _release_free_memory() -> None:

@@ -165,5 +165,7 @@ def test_num_proc_gives_the_same_bytes_and_max_tokens_counts_what_it_leaves_out(
 
 def test_a_bad_tokenizer_directory_is_one_clear_line(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", OPENAI)
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(SystemExit, match=r"--tokenizer .*: not a tokenizer directory"):
-        main(["agent-logs", str(path), "--tokenizer", str(tmp_path), "--output", str(tmp_path / "o"), "--quiet"])
+        main(["agent-logs", str(path), "--tokenizer", str(empty), "--output", str(tmp_path / "o"), "--quiet"])

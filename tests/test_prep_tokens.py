@@ -12,7 +12,7 @@ TEXTS = ["Activity log of user 7 (3 events):\n2017-11-25 00:00:01 viewed item 12
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_the_tokenizer_file_gives_the_ids_and_text_transformers_gives(base_dirs, arch):
     reference, encoder = AutoTokenizer.from_pretrained(base_dirs[arch]), TextEncoder(base_dirs[arch])
-    expected = [reference(t, add_special_tokens=False).input_ids for t in TEXTS]
+    expected = [reference(t, add_special_tokens=False, split_special_tokens=True).input_ids for t in TEXTS]
     assert encoder.encode_batch(TEXTS) == expected
     assert [encoder.encode(t) for t in TEXTS] == expected
     assert [encoder.decode(ids) for ids in expected] == [reference.decode(ids) for ids in expected]
@@ -35,4 +35,5 @@ def test_settings_transformers_applies_at_load_take_the_transformers_path(base_d
     config = json.loads((copy / "tokenizer_config.json").read_text())
     (copy / "tokenizer_config.json").write_text(json.dumps({**config, "add_prefix_space": False}))  # changes ids
     reference = AutoTokenizer.from_pretrained(copy)
-    assert TextEncoder(copy).encode_batch(TEXTS) == [reference(t, add_special_tokens=False).input_ids for t in TEXTS]
+    expected = [reference(t, add_special_tokens=False, split_special_tokens=True).input_ids for t in TEXTS]
+    assert TextEncoder(copy).encode_batch(TEXTS) == expected

@@ -142,7 +142,7 @@ def bench_one(kind: str, source: Path, tokenizer_dir: str, workdir: Path, num_pr
     out = workdir / f"{source.stem}-dataset"
     # one question per history and 100 events at most: the output stays ~1 token per input byte
     extra = ["--questions-per-user", "1", "--max-events-per-user", "100"] if kind == "user-behavior" else []
-    run = run_prep([kind, str(source), "--tokenizer", tokenizer_dir, "--output", str(out),
+    run = run_prep([kind, str(source), "--tokenizer", tokenizer_dir, "--output", str(out), "--overwrite",
                     "--num-proc", str(num_proc), *extra])
     manifest = json.loads((out / "manifest.json").read_text())
     megabytes = source.stat().st_size / 2**20

@@ -21,6 +21,7 @@ from comet_ds.layout import IGNORE_INDEX
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.resources import memory_in_use_mib, peak_memory_mib, reset_peak_memory
 from data_prep.passkey import passkey_sample
+from data_prep.tokens import TextEncoder
 
 KEY_TOKENS = 8  # greedy tokens generated per prompt: a 5-digit key and some slack
 
@@ -76,8 +77,8 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
                      lengths: list[int], depths: list[float], samples: int, seed: int,
                      skip: Callable[[int], str | None] = lambda _: None,
                      progress: Callable[[str], None] = print) -> list[LengthResult]:
-    results = []
-    continuation(tokenizer("warm up", add_special_tokens=False).input_ids, 1)  # first-call allocations
+    results, encoder = [], TextEncoder(tokenizer)
+    continuation(encoder.encode("warm up"), 1)  # first-call allocations
     for length in lengths:
         reason = skip(length)
         if reason:
@@ -93,7 +94,7 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
                    leave=False, dynamic_ncols=True)
         for depth in depths:
             for _ in range(samples):
-                sample = passkey_sample(tokenizer, length, depth, rng, with_text=False)
+                sample = passkey_sample(encoder, length, depth, rng, with_text=False)
                 answer_start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
                 prompt, passkey = sample.input_ids[:answer_start], sample.passkey
                 del sample  # the prompt is the one thing here that grows with length: keep a single copy

@@ -9,11 +9,14 @@ chunk starts from its memory slots. Generation length is therefore unbounded, in
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from comet_ds.config import CometConfigError
 from comet_ds.layout import IGNORE_INDEX, ChunkIndices, ChunkLayout, fifo_keep
 from comet_ds.modeling.backbone import cache_keyword
 from comet_ds.modeling.memory import MemoryState
@@ -31,12 +34,17 @@ class SamplingSettings:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+        def whole(value: object) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise CometConfigError(f"max_new_tokens must be a whole number >= 1 (got {self.max_new_tokens!r})")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise CometConfigError(f"temperature must be a finite number > 0 (got {self.temperature})")
+        if not whole(self.top_k) or self.top_k < 0:
+            raise CometConfigError(f"top_k must be a whole number >= 0, 0 for no limit (got {self.top_k!r})")
+        if not 0 < self.top_p <= 1:  # NaN fails this too: it compares false both ways
+            raise CometConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
 
 
 def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:

@@ -28,6 +28,10 @@ class FinetuneSettings:
     lora_targets: tuple[str, ...] = field(default=DEFAULT_LORA_TARGETS)
 
     def __post_init__(self) -> None:
+        targets = self.lora_targets
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise CometConfigError(f"finetune.lora_targets must be a list of module names like [q_proj, v_proj] "
+                                   f"(got {self.lora_targets!r})")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.method not in ("lora", "full"):
             raise CometConfigError(f"finetune method must be 'lora' or 'full' (got {self.method!r})")

@@ -1,7 +1,8 @@
 """Building a CoMeT model from a base model directory, and saving, loading and exporting it.
 
 A CoMeT model directory holds:
-    comet_config.json          CoMeT config, token ids, fine-tune settings, base model, shape fingerprint
+    comet_config.json          CoMeT config, token ids, fine-tune settings, base model, its shape and
+                               the sha256 of its weight files
     comet_memory.safetensors   memory networks and the rows of the inserted tokens
     adapter_config.json        standard PEFT LoRA adapter (LoRA runs only), loadable with
     adapter_model.safetensors  peft.PeftModel.from_pretrained(base, dir)
@@ -11,7 +12,11 @@ A CoMeT model directory holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
-from comet_ds.fs import atomic_directory
+from comet_ds.fs import atomic_directory, check_output, output_directory
 from comet_ds.modeling.backbone import load_backbone
 from comet_ds.modeling.finetune import FinetuneSettings, apply_finetune
 from comet_ds.modeling.model import CometForCausalLM
@@ -58,6 +63,65 @@ def _fingerprint(hf: PretrainedConfig) -> dict[str, Any]:
     return {"model_type": hf.model_type, "hidden_size": hf.hidden_size, "num_hidden_layers": hf.num_hidden_layers}
 
 
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comet_ds"
+
+
+def _file_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
+    """sha256 of a file, streamed; reused from `cache` while its size and modification time stay the same."""
+    stat = path.stat()
+    key = str(path.resolve())
+    known = cache.get(key)
+    if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+        return known["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return cache[key]["sha256"]
+
+
+def base_weights_fingerprint(base: str | Path) -> str:
+    """sha256 over the names and sha256s of a base model directory's weight files: the exact weights an
+    adapter was trained on. A file's hash is cached on disk, keyed by path, size and modification time:
+    hashing a multi-GB base takes tens of seconds, and it is fingerprinted at every checkpoint and load."""
+    cache_file = _cache_dir() / "weights-sha256.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    before = dict(cache)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(base).iterdir() if p.suffix in (".safetensors", ".bin")):
+        digest.update(f"{path.name} {_file_sha256(path, cache)}\n".encode())
+    if cache != before:
+        try:  # a private temporary file, then a rename: processes saving at once never see half a file
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            handle, scratch = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.")
+            with os.fdopen(handle, "w") as out:
+                out.write(json.dumps(cache))
+            os.replace(scratch, cache_file)
+        except OSError:
+            pass  # a read-only home only costs hashing again next time
+    return digest.hexdigest()
+
+
+def check_base_weights(path: Path, meta: dict[str, Any], base: Path, allow_mismatch: bool) -> None:
+    """Refuse to put an adapter on a base other than the one it was trained on (same shape, other weights
+    load without an error and generate garbage)."""
+    recorded = meta.get("base_weights_sha256")
+    if recorded is None:
+        warnings.warn(f"{path} records no fingerprint of its base weights (written by an older comet_ds): "
+                      f"{base} cannot be checked to be the base it was trained on", stacklevel=3)
+        return
+    found = base_weights_fingerprint(base)
+    if found != recorded and not allow_mismatch:
+        raise CheckpointMismatchError(
+            f"{path} was trained on base weights with sha256 {recorded} but {base} has {found}; load it onto "
+            "the base it was trained from, or pass --allow-base-mismatch if the weights are known to be the same")
+
+
 def write_comet(model: CometForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path,
                 settings: FinetuneSettings, base_model: str | None) -> None:
     """Write a CoMeT model directory into `out` (an existing, empty directory).
@@ -66,7 +130,8 @@ def write_comet(model: CometForCausalLM, tokenizer: PreTrainedTokenizerBase, out
     """
     meta = {"format_version": FORMAT_VERSION, "comet": model.config.to_dict(), "tokens": model.tokens.to_dict(),
             "finetune": settings.to_dict(), "base_model": base_model,
-            "fingerprint": _fingerprint(model.backbone.config)}
+            "fingerprint": _fingerprint(model.backbone.config),
+            "base_weights_sha256": None if base_model is None else base_weights_fingerprint(base_model)}
     (out / COMET_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in model.comet_state_dict().items()}, out / MEMORY_WEIGHTS)
     if base_model is None:
@@ -103,9 +168,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneSettings,
-                      base_config: PretrainedConfig) -> None:
+                      base_config: PretrainedConfig, base_model: str | Path) -> None:
     """Raise unless training can start from the CoMeT model directory `path` with these settings: the
-    same chunk layout and memories, the same fine-tune shape, a base of the same shape."""
+    same chunk layout and memories, the same fine-tune shape, the base weights it was trained on."""
     meta = read_meta(path)
     # settings that only steer optimisation may change from one stage to the next
     free = {"memory_lr_multiplier", "lora_dropout"}
@@ -117,11 +182,19 @@ def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneS
             raise CheckpointMismatchError(
                 f"init_from {str(path)!r} cannot seed this run: its {what} differs in "
                 + ", ".join(f"{k} ({saved.get(k)!r} there, {wanted.get(k)!r} here)" for k in differ))
+    recorded = meta.get("base_weights_sha256")
+    if recorded is not None and recorded != (found := base_weights_fingerprint(base_model)):
+        raise CheckpointMismatchError(
+            f"init_from {str(path)!r} cannot seed this run: it was trained on base weights with sha256 {recorded} "
+            f"but base_model {base_model} has {found}; set base_model to the base it was trained from")
 
 
 def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               ) -> tuple[CometForCausalLM, PreTrainedTokenizerBase, FinetuneSettings]:
-    """Load a CoMeT model directory onto its base (or the base given here) and restore all weights."""
+               allow_base_mismatch: bool = False) -> tuple[CometForCausalLM, PreTrainedTokenizerBase, FinetuneSettings]:
+    """Load a CoMeT model directory onto its base (or the base given here) and restore all weights.
+
+    An adapter loads only onto the base weights it was trained on, unless allow_base_mismatch.
+    """
     path = Path(path)
     meta = read_meta(path)
     settings = FinetuneSettings.from_dict(meta["finetune"])
@@ -134,6 +207,8 @@ def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: to
         raise CheckpointMismatchError(
             f"{path} was trained on a base with {meta['fingerprint']} but {base} has {found}; "
             "load it onto the base model it was trained from")
+    if meta["base_model"] is not None:
+        check_base_weights(path, meta, base, allow_base_mismatch)
     fit_vocabulary(backbone, tokenizer, mean_resizing=False)  # inserted rows come from the checkpoint
     model = CometForCausalLM(backbone, config, tokens)
     if meta["base_model"] is not None:  # LoRA: inject adapters, then fill them
@@ -150,22 +225,32 @@ def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: to
     return model, tokenizer, settings
 
 
-def export_merged(path: str | Path, out: str | Path, base_model: str | Path | None = None) -> Path:
+EXPORT = "comet-ds export"  # the command named in an export's output marker
+
+
+def export_merged(path: str | Path, out: str | Path, base_model: str | Path | None = None,
+                  allow_base_mismatch: bool = False, overwrite: bool = False) -> Path:
     """Write a standalone model directory: LoRA merged into the base weights, inserted rows written in.
 
     The LoRA weights are merged by peft itself (PeftModel.from_pretrained + merge_and_unload), so this
-    also proves the adapter files are standard PEFT.
+    also proves the adapter files are standard PEFT. `out` must be new or empty, or (with `overwrite`)
+    an earlier export, and outside the adapter and base directories; it appears whole.
     """
     path = Path(path)
     meta = read_meta(path)
+    inputs = [path, *filter(None, [base_model or meta["base_model"]])]
+    check_output(out, EXPORT, overwrite=overwrite, inputs=inputs)  # before loading: a refusal costs no time
     if meta["base_model"] is None:
         model, tokenizer, _ = load_comet(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
         backbone = load_backbone(base_model or meta["base_model"])
+        check_base_weights(path, meta, Path(base_model or meta["base_model"]), allow_base_mismatch)
         fit_vocabulary(backbone, tokenizer, mean_resizing=False)
         merged = PeftModel.from_pretrained(backbone, path).merge_and_unload()
         model = CometForCausalLM(merged, CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"]))
         model.load_comet_state_dict(load_file(path / MEMORY_WEIGHTS), source=str(path / MEMORY_WEIGHTS))
     model.embedding.write_into_base()
-    return save_comet(model, tokenizer, out, FinetuneSettings(method="full"), base_model=None)
+    with output_directory(out, EXPORT, overwrite=overwrite, inputs=inputs) as scratch:
+        write_comet(model, tokenizer, scratch, FinetuneSettings(method="full"), base_model=None)
+    return Path(out)

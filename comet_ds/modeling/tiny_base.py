@@ -33,6 +33,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from comet_ds.fs import output_directory
 from comet_ds.train.optim import warmup_cosine
 
 ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
@@ -135,16 +136,19 @@ PRETRAINING_SUMMARY = "pretraining.json"
 
 
 def init_base(out: str | Path, arch: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,
-              progress: bool = True, **model_kwargs: int) -> Path:
+              progress: bool = True, overwrite: bool = False, **model_kwargs: int) -> Path:
     """Write a tiny base model and its tokenizer to `out` (save_pretrained format), pretrained for
-    `pretrain_steps` steps on the built-in corpus (0: left at its random initialisation)."""
+    `pretrain_steps` steps on the built-in corpus (0: left at its random initialisation).
+
+    `out` must be new or empty, or (with `overwrite`) an earlier init-base output; it appears whole.
+    """
     out = Path(out)
-    tokenizer = train_tokenizer(seed=seed)
-    model = tiny_model(arch, len(tokenizer), seed=seed, tokenizer=tokenizer, **model_kwargs)
-    out.mkdir(parents=True, exist_ok=True)
-    if pretrain_steps > 0:
-        summary = pretrain(model, tokenizer, pretrain_steps, seed=seed, progress=progress)
-        (out / PRETRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with output_directory(out, "comet-ds init-base", overwrite=overwrite) as scratch:
+        tokenizer = train_tokenizer(seed=seed)
+        model = tiny_model(arch, len(tokenizer), seed=seed, tokenizer=tokenizer, **model_kwargs)
+        if pretrain_steps > 0:
+            summary = pretrain(model, tokenizer, pretrain_steps, seed=seed, progress=progress)
+            (scratch / PRETRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        model.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -14,6 +16,12 @@ TEMP_BEACON_TOKEN = "<beacon>"
 
 def global_beacon_token(slot: int) -> str:
     return f"<beacon_{slot}>"
+
+
+def inserted_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
+    """CoMeT's tokens in `tokenizer`, id → name: none in a base tokenizer, all of them in a CoMeT one."""
+    name = re.compile(f"{re.escape(PLACEHOLDER_TOKEN)}|{re.escape(TEMP_BEACON_TOKEN)}|<beacon_[0-9]+>")
+    return {i: token for token, i in tokenizer.get_added_vocab().items() if name.fullmatch(token)}
 
 
 def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, config: CometConfig) -> CometTokens:

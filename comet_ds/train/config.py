@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,21 @@ class TrainSettings:
     log_every: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2
+    # consecutive steps with a non-finite loss or gradient norm before training stops with an error
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "sequences_per_step", "log_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "sequences_per_step", "log_every", "save_every", "keep_checkpoints",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise CometConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            raise CometConfigError(f"train.lr must be > 0 (got {self.lr})")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise CometConfigError("train.warmup_steps, train.grad_clip and train.weight_decay must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CometConfigError(f"train.lr must be a finite number > 0 (got {self.lr})")
+        for name in ("grad_clip", "weight_decay"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise CometConfigError(f"train.{name} must be a finite number >= 0 (got {getattr(self, name)})")
+        if self.warmup_steps < 0:
+            raise CometConfigError(f"train.warmup_steps must be >= 0 (got {self.warmup_steps})")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CometConfigError(f"train.max_tokens must be >= 2 or null (got {self.max_tokens})")
 
@@ -90,6 +97,8 @@ class RunConfig:
     # a CoMeT model directory (an earlier run's adapter) whose weights this run starts from instead of
     # freshly initialised memories: the next stage of a curriculum, or more training on new data
     init_from: str | None = None
+    # train on a comet-prep dataset whose manifest names another tokenizer than the base model's
+    allow_tokenizer_mismatch: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -115,14 +124,21 @@ class RunConfig:
         """The DeepSpeed config with the values the run config owns filled in."""
         path = Path(self.deepspeed_config)
         if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} does not exist (see ds_configs/ for examples)")
+            problem = "is a directory" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} {problem} (see ds_configs/ for examples)")
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise CometConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+        except UnicodeDecodeError:
+            raise CometConfigError(f"DeepSpeed config {path} is not UTF-8 text") from None
+        if not isinstance(config, dict):
+            raise CometConfigError(f"DeepSpeed config {path} must be a JSON object ({{\"pipeline\": ...}}), "
+                                   f"not {type(config).__name__} {config!r:.40}")
         for key, owner in OWNED_DEEPSPEED_KEYS.items():
             if key in config:
                 raise CometConfigError(f"{path} sets {key!r}; remove it and set {owner} in the run config")
+        _check_deepspeed_sections(config, path)
         zero = config.get("zero_optimization", {}).get("stage", 0)
         if zero > 1:
             raise CometConfigError(f"{path}: ZeRO stage {zero} does not combine with pipeline parallelism; use 0 or 1")
@@ -135,29 +151,112 @@ class RunConfig:
                 "steps_per_print": config.get("steps_per_print", 10**9)}
 
     def pipeline_stages(self) -> int:
-        stages = self.deepspeed_dict().get("pipeline", {}).get("stages", 1)
-        if not isinstance(stages, int) or stages < 1:
-            raise CometConfigError(f"{self.deepspeed_config}: pipeline.stages must be a positive integer "
-                                   f"(got {stages!r})")
-        return stages
+        return self.deepspeed_dict().get("pipeline", {}).get("stages", 1)
+
+    def check_precision(self) -> None:
+        """Refuse fp16/bf16 where torch sees no GPU: half precision is a GPU setting; the CPU path is fp32."""
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        config = self.deepspeed_dict()
+        for name in HALF_PRECISIONS:
+            if config.get(name, {}).get("enabled", False):
+                raise CometConfigError(
+                    f"DeepSpeed config {self.deepspeed_config} enables {name}, which needs a GPU, and none is "
+                    f"visible: on the CPU train in fp32 (set {name}.enabled to false, as in "
+                    "ds_configs/cpu_fp32_2stage.json)")
+
+
+# the DeepSpeed sections this tool reads, and the shape each must have
+DEEPSPEED_SECTIONS = {"zero_optimization": '{"stage": 1}', "pipeline": '{"stages": 2}', "fp16": '{"enabled": false}',
+                      "bf16": '{"enabled": false}', "bfloat16": '{"enabled": false}'}
+HALF_PRECISIONS = ("fp16", "bf16", "bfloat16")  # DeepSpeed still reads "bfloat16" as bf16
+
+
+def _check_deepspeed_sections(config: dict[str, Any], path: Path) -> None:
+    """The sections this tool reads have the types DeepSpeed expects: a string "1" or a bare 5 would
+    otherwise fail deep inside DeepSpeed, or compare wrongly here."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for name, example in DEEPSPEED_SECTIONS.items():
+        if not isinstance(config.get(name, {}), dict):
+            raise CometConfigError(f"DeepSpeed config {path}: {name} must be an object like {example} "
+                                   f"(got {config[name]!r})")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if not whole(stage) or stage < 0:
+        raise CometConfigError(f"DeepSpeed config {path}: zero_optimization.stage must be 0 or 1 (got {stage!r})")
+    stages = config.get("pipeline", {}).get("stages", 1)
+    if not whole(stages) or stages < 1:
+        raise CometConfigError(f"DeepSpeed config {path}: pipeline.stages must be a positive integer (got {stages!r})")
+    for name in HALF_PRECISIONS:
+        enabled = config.get(name, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise CometConfigError(f"DeepSpeed config {path}: {name}.enabled must be true or false (got {enabled!r})")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int):
+        super().__init__(f"the key {key!r} is given twice (line {line})")
+        self.key, self.line = key, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, which PyYAML would silently resolve
+    to the last value (a second `train:` section would drop the first one's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` merges are meant to be overridden
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: PyYAML's own message spreads over several with a source excerpt."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        return f"line {err.problem_mark.line + 1}: {' '.join(p for p in (err.context, err.problem) if p)}"
+    return " ".join(str(err).split())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise CometConfigError(f"override {text!r} is not key=value (e.g. train.steps=20)")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.load(raw, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        raise CometConfigError(f"override {text!r}: the value is not valid YAML ({_one_line(err)})") from None
+    return key.strip().split("."), value
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config and apply dotted key=value overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"run config {str(path)!r} does not exist")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"run config {str(path)!r} {problem}: give the YAML file")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise CometConfigError(f"run config {path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except _DuplicateKey as err:
+        raise CometConfigError(f"run config {path} repeats the key {err.key!r} (line {err.line}); give each "
+                               "setting once (YAML would keep only the last)") from None
     except yaml.YAMLError as err:
-        raise CometConfigError(f"run config {path} is not valid YAML: {err}") from None
+        raise CometConfigError(f"run config {path} is not valid YAML: {_one_line(err)}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        got = "a list" if isinstance(values, list) else repr(values)
+        raise CometConfigError(f"run config {path} must be a mapping of settings at the top level (got {got}); "
+                               "see launch/examples/tiny_cpu.yaml")
     for override in overrides:
         keys, value = parse_override(override)
         target = values

@@ -8,9 +8,12 @@ s continues exactly where the run stopped.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, load_from_disk
@@ -32,6 +35,10 @@ def load_training_dataset(path: str | Path) -> Dataset:
     if not (data_dir / "dataset_info.json").is_file() and not (data_dir / "state.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a saved dataset; build one with comet-prep "
                                 "(e.g. comet-prep passkey ... --output DIR)")
+    state = data_dir / "state.json"
+    if state.is_file() and json.loads(state.read_text()).get("_data_files") == []:
+        # `datasets` saves 0 rows as no Arrow file at all, and then fails to load it with an IndexError
+        raise DatasetError(f"dataset {path} has no rows")
     dataset = load_from_disk(str(data_dir))
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
@@ -40,6 +47,70 @@ def load_training_dataset(path: str | Path) -> Dataset:
     if len(dataset) == 0:
         raise DatasetError(f"dataset {path} has no rows")
     return dataset
+
+
+def check_has_targets(dataset: Dataset, source: str | Path, max_tokens: int | None = None) -> None:
+    """Refuse a dataset with nothing to train on: no label other than IGNORE_INDEX after the first
+    position of a row (labels shift by one, so the first never counts) and within max_tokens."""
+    for chunk in dataset.with_format("arrow")["labels"].chunks:
+        if pc.any(pc.not_equal(pc.list_flatten(pc.list_slice(chunk, 1, max_tokens)), IGNORE_INDEX)).as_py():
+            return
+    within = f" within train.max_tokens ({max_tokens})" if max_tokens else ""
+    raise DatasetError(f"dataset {source} has no labelled tokens{within} to train on (every label is {IGNORE_INDEX}); "
+                       "build it with a comet-prep command that labels targets" +
+                       (", or raise train.max_tokens" if max_tokens else ""))
+
+
+def check_token_ids(dataset: Dataset, vocab_size: int, inserted: Mapping[int, str], source: str | Path) -> None:
+    """Refuse ids that no text encodes to: negative ones, ones outside the vocabulary (base tokens plus
+    CoMeT's), and CoMeT's inserted tokens (`inserted`, id → name), which in a dataset would be trained
+    on as text and drive the loss to infinity. One vectorised pass over the Arrow columns."""
+    for column in REQUIRED_COLUMNS:
+        first_row = 0
+        for chunk in dataset.with_format("arrow")[column].chunks:
+            values = pc.list_flatten(chunk)
+            bad = pc.or_(pc.or_(pc.less(values, 0), pc.greater_equal(values, vocab_size)),
+                         pc.is_in(values, value_set=pa.array(sorted(inserted), type=values.type)))
+            if column == "labels":
+                bad = pc.and_(bad, pc.not_equal(values, IGNORE_INDEX))
+            if pc.any(bad).as_py():
+                at = pc.index(bad, True).as_py()
+                row = first_row + pc.list_parent_indices(chunk)[at].as_py()
+                value = values[at].as_py()
+                what = ("is negative" if value < 0 else f"is the CoMeT token {inserted[value]}" if value in inserted
+                        else f"is outside the vocabulary of {vocab_size} tokens")
+                sample = dataset[row].get("sample_id")
+                raise DatasetError(f"dataset {source} row {row}{'' if sample is None else f' (sample_id {sample!r})'}"
+                                   f": {column} holds {value}, which {what}; rebuild it with comet-prep, which "
+                                   "encodes text as text, with the base model's tokenizer")
+            first_row += len(chunk)
+
+
+def dataset_manifest(path: str | Path) -> dict | None:
+    """The manifest.json comet-prep wrote beside a dataset (given as its output directory or its data/
+    folder), or None for a dataset built otherwise."""
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not manifest.is_file() and path.name == "data":
+        manifest = path.parent / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def check_dataset_tokenizer(path: str | Path, tokenizer_dirs: list[str | Path], allow_mismatch: bool) -> None:
+    """Refuse a comet-prep dataset built with a tokenizer other than the run's (the base model's, or the
+    CoMeT tokenizer of the adapter the run starts from, which adds only CoMeT's tokens): its ids would
+    mean other words to this model."""
+    from data_prep.output import tokenizer_fingerprint
+
+    manifest = dataset_manifest(path)
+    if manifest is None or allow_mismatch:
+        return
+    if manifest["tokenizer_sha256"] not in {tokenizer_fingerprint(d) for d in tokenizer_dirs}:
+        raise DatasetError(
+            f"dataset {path} was built with tokenizer {manifest['tokenizer']} (sha256 {manifest['tokenizer_sha256']})"
+            f" but this run's base model {tokenizer_dirs[0]} has tokenizer sha256 "
+            f"{tokenizer_fingerprint(tokenizer_dirs[0])}; rebuild it with comet-prep --tokenizer {tokenizer_dirs[0]},"
+            " or set allow_tokenizer_mismatch: true if the two tokenizers give the same ids")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`comet-ds train`: the training entry point, top to bottom.
 
-preflight (no processes yet) → process group → model + LoRA → pipeline stages → DeepSpeed engine →
-resume → for each step: the replica's sequences → chunks → one pipeline step → metrics, checkpoints.
+preflight (no processes yet; a checkpoint to resume from is verified here) → process group → model + LoRA →
+pipeline stages → DeepSpeed engine → resume → for each step: the replica's sequences → chunks → one pipeline
+step → metrics, checkpoints. Non-finite losses stop the run before anything non-finite is saved.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any
 import torch
 
 from comet_ds.config import CometConfigError
+from comet_ds.fs import check_output, output_directory
 from comet_ds.layout import ChunkLayout
 from comet_ds.train.config import RunConfig
-from comet_ds.train.data import load_training_dataset
+from comet_ds.train.data import check_has_targets, load_training_dataset
+from comet_ds.train.tracking import redact
 
 
 @dataclass(frozen=True)
@@ -30,20 +33,31 @@ class Preflight:
     trainable_params: int
     total_params: int
     memory_estimate_mib: dict[str, float | int | str]
+    resume_tag: str | None = None  # the verified checkpoint to resume from
+    skipped_checkpoints: tuple[str, ...] = ()  # newer checkpoints `--resume auto` passed over, and why
 
 
-def preflight(run: RunConfig, resume: bool = False) -> Preflight:
-    """Every check that needs no process group: dataset, base model, stages, chunk length."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
+    """Every check that needs no process group: the checkpoint to resume from (resume: "latest" or "auto"),
+    dataset (its tokenizer and every id), base model, stages, chunk length."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from comet_ds.modeling.backbone import check_fits, decoder_parts
     from comet_ds.modeling.pretrained import check_continuable
+    from comet_ds.modeling.tokens import extend_tokenizer, inserted_tokens
+    from comet_ds.train.checkpoint import choose_resume_checkpoint
+    from comet_ds.train.data import check_dataset_tokenizer, check_token_ids
 
     stages = run.pipeline_stages()
     if not resume and (Path(run.output_dir) / "checkpoints" / "latest").exists():
         raise CometConfigError(f"{run.output_dir} holds checkpoints of an earlier run: pass --resume to continue "
                                "it, or choose another output_dir")
-    load_training_dataset(run.dataset)
+    resume_tag, skipped = (None, []) if resume is None else \
+        choose_resume_checkpoint(Path(run.output_dir) / "checkpoints", resume)
+    # the run ends by replacing output_dir/adapter: refuse now, not after training, if that is not its own
+    check_output(Path(run.output_dir) / "adapter", "comet-ds train", overwrite=True)
+    dataset = load_training_dataset(run.dataset)
+    check_has_targets(dataset, run.dataset, run.train.max_tokens)
     if not (Path(run.base_model) / "config.json").is_file():
         raise FileNotFoundError(f"base model {run.base_model!r} has no config.json (comet-ds init-base builds one)")
     hf_config = AutoConfig.from_pretrained(run.base_model)
@@ -52,7 +66,12 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     decoder_parts(skeleton)
     check_fits(skeleton, run.comet)
     if run.init_from:
-        check_continuable(run.init_from, run.comet, run.finetune, hf_config)
+        check_continuable(run.init_from, run.comet, run.finetune, hf_config, run.base_model)
+    check_dataset_tokenizer(run.dataset, [run.base_model, *([run.init_from] if run.init_from else [])],
+                            run.allow_tokenizer_mismatch)
+    tokenizer = AutoTokenizer.from_pretrained(run.init_from or run.base_model)  # the tokenizer train() uses
+    extend_tokenizer(tokenizer, run.comet)
+    check_token_ids(dataset, len(tokenizer), inserted_tokens(tokenizer), run.dataset)
     num_layers = hf_config.num_hidden_layers
     if stages > num_layers:
         raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
@@ -84,7 +103,7 @@ def preflight(run: RunConfig, resume: bool = False) -> Preflight:
     }
     estimate = {k: round(v, 1) for k, v in estimate.items()}
     estimate["activations_kept_chunks"] = window if run.pipeline.bptt_window else "all"
-    return Preflight(stages, num_layers, partition, trainable, total, estimate)
+    return Preflight(stages, num_layers, partition, trainable, total, estimate, resume_tag, tuple(skipped))
 
 
 def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: int,
@@ -104,17 +123,20 @@ def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: in
 
 
 def describe(run: RunConfig, check: Preflight) -> str:
-    lines = ["resolved run config:", json.dumps(run.to_dict(), indent=2), "deepspeed config:",
+    lines = ["resolved run config:", redact(json.dumps(run.to_dict(), indent=2)), "deepspeed config:",
              json.dumps(run.deepspeed_dict(), indent=2), f"pipeline: {check.stages} stage(s)"]
     lines += [f"  stage {s}: {', '.join(parts)}" for s, parts in enumerate(check.partition)]
     lines.append(f"parameters: {check.trainable_params:,} trainable of ~{check.total_params:,} (base)")
     lines.append("memory estimate (fp32): " + ", ".join(f"{k} {v}" for k, v in check.memory_estimate_mib.items()))
     if not run.pipeline.bptt_window:
         lines.append("  activations are kept for every chunk of a sequence (set pipeline.bptt_window to bound them)")
+    lines += check.skipped_checkpoints
+    if check.resume_tag:
+        lines.append(f"resume from checkpoint {check.resume_tag}")
     return "\n".join(lines)
 
 
-def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
+def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
     import deepspeed
     import deepspeed.comm as dist
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
@@ -123,12 +145,20 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     from comet_ds.modeling.pretrained import build_comet, load_comet
     from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
     from comet_ds.pipeline.stages import build_pipeline_module
-    from comet_ds.train.checkpoint import restore_checkpoint, save_checkpoint
+    from comet_ds.train.checkpoint import (
+        NonFiniteError,
+        finite_on_every_rank,
+        restore_checkpoint,
+        same_on_every_rank,
+        save_checkpoint,
+    )
     from comet_ds.train.data import StepSampler
     from comet_ds.train.optim import build_optimizer
     from comet_ds.train.tracking import Tracker
 
     check = preflight(run, resume)
+    require_launcher()  # what only a real run needs, checked before the process group forms
+    run.check_precision()
     output = Path(run.output_dir)
     checkpoints = output / "checkpoints"
     on_gpu = torch.cuda.is_available()
@@ -160,7 +190,13 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     layout_signature = {"stages": check.stages, "replicas": replicas, "comet": run.comet.to_dict(),
                         "finetune": run.finetune.to_dict()}
-    state = restore_checkpoint(engine, checkpoints) if resume else None
+    if not same_on_every_rank(check.resume_tag, engine.device):
+        raise CometConfigError(f"the processes chose different checkpoints to resume from (this one: "
+                               f"{check.resume_tag}): every node must see the same {checkpoints}")
+    if rank == 0:
+        for line in check.skipped_checkpoints:
+            print(line, flush=True)
+    state = restore_checkpoint(engine, checkpoints, check.resume_tag) if check.resume_tag else None
     if resume and state is None and rank == 0:
         print(f"no checkpoint in {checkpoints}: starting from step 0", flush=True)
     if state is not None:
@@ -173,7 +209,8 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     if rank == 0 and state is None and metrics_file.exists():  # a fresh run keeps an earlier file aside
         metrics_file.rename(output / f"metrics.{int(time.time())}.jsonl")
     tracker = Tracker(output, run.tracking.experiment, run.tracking.tracking_uri, run.tracking.run_name,
-                      enabled=rank == 0, resume_run_id=None if state is None else state.get("mlflow_run_id"))
+                      enabled=rank == 0, resume_run_id=None if state is None else state.get("mlflow_run_id"),
+                      resume_step=None if state is None else start)
     if state is None:
         tracker.log_params({"run": run.to_dict(), "deepspeed": run.deepspeed_dict()})
 
@@ -182,6 +219,7 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
     layout = ChunkLayout(run.comet, model.tokens)
     progress = tqdm(total=run.train.steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
     losses: list[float] = []
+    nonfinite = 0  # consecutive steps with a non-finite loss or gradient norm
     for step in range(start, run.train.steps):
         batch = sampler.batch(step, replica)
         chunks = layout.layout(batch.input_ids, batch.labels)
@@ -192,40 +230,61 @@ def train(run: RunConfig, resume: bool = False) -> dict[str, Any]:
         seconds = time.perf_counter() - begin
         losses.append(loss)
         done = step + 1
+        norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
+        grad_norm = float("nan") if norm is None else float(norm)
+        checked = [loss] if norm is None else [loss, grad_norm]
+        nonfinite = 0 if finite_on_every_rank([torch.tensor(checked)], engine.device) else nonfinite + 1
         tokens_per_s = batch.global_text_tokens / seconds
         progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         progress.update(1)
         if done % run.train.log_every == 0 or done == run.train.steps:
             stats = engine.stage_stats(seconds)
-            metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_s, "step_seconds": seconds, "chunks": len(chunks),
                        "bubble_fraction": stats["bubble_fraction"],
                        **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}}
             tracker.log_metrics(metrics, step=done)
-        if done % run.train.save_every == 0 or done == run.train.steps:
+        if nonfinite >= run.train.max_nonfinite_steps:
+            tracker.close(status="FAILED")
+            raise NonFiniteError(f"the loss or gradient norm was not finite for {nonfinite} consecutive steps "
+                                 f"(steps {done - nonfinite + 1}-{done}, loss {loss}); stopped without saving: "
+                                 "lower train.lr, or check the dataset and init_from weights")
+        if nonfinite == 0 and (done % run.train.save_every == 0 or done == run.train.steps):
             save_checkpoint(engine, model, tokenizer, checkpoints, done, run.finetune, run.base_model,
                             {"mlflow_run_id": tracker.run_id, **layout_signature}, run.train.keep_checkpoints)
     progress.close()
+    if nonfinite:  # the last steps diverged: there is no final checkpoint to make the adapter from
+        tracker.close(status="FAILED")
+        raise NonFiniteError(f"the loss or gradient norm was not finite for the last {nonfinite} step(s), so no "
+                             "final checkpoint or adapter was saved: lower train.lr, or check the dataset")
     final = checkpoints / f"step-{run.train.steps}" / "adapter"
     if rank == 0:
-        from comet_ds.fs import atomic_directory
-
-        with atomic_directory(output / "adapter") as scratch:
+        with output_directory(output / "adapter", "comet-ds train", overwrite=True) as scratch:  # its own only
             shutil.copytree(final, scratch, dirs_exist_ok=True)
         tracker.log_artifacts(output / "adapter", "adapter")
         tracker.log_artifact(run.deepspeed_config)
         tracker.close()
     dist.barrier()
     return {"losses": losses, "adapter": str(output / "adapter"), "start_step": start,
-            "mlflow": getattr(tracker, "tracking_uri", None)}
+            "mlflow": getattr(tracker, "tracking_uri", None)}  # its password redacted
 
 
-def _grad_norm(engine: Any) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+# set for every process by torchrun and by the deepspeed launcher (launch/*.sh)
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def main_from_args(config_path: str, overrides: list[str], dry_run: bool, resume: bool) -> None:
+def require_launcher() -> None:
+    """Refuse to train outside a launcher: the process group would otherwise fail to form with a
+    traceback from MPI discovery."""
+    missing = [name for name in LAUNCHER_VARIABLES if name not in os.environ]
+    if missing:
+        raise CometConfigError(
+            f"comet-ds train runs under a launcher, which sets {', '.join(missing)}: start it with "
+            "`deepspeed --num_gpus N --module comet_ds.cli train --config RUN.yaml` or "
+            "`launch/single_node.sh --procs N --config RUN.yaml` (--dry-run checks the config without one)")
+
+
+def main_from_args(config_path: str, overrides: list[str], dry_run: bool, resume: str | None) -> None:
     from comet_ds.train.config import load_run_config
 
     run = load_run_config(config_path, overrides)

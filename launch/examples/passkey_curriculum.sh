@@ -63,7 +63,7 @@ stage() {  # name, sequence lengths, depth ranges, steps at scale 1, settings of
       echo "== stage $name: $steps steps of 8 x $lengths tokens, key depths $depths"
       local cells=$(( $(count "$lengths") * $(count "$depths") ))
       comet-prep passkey --tokenizer "$out/base" --lengths "$lengths" --depths "$depths" --quiet \
-        --samples-per-cell $(( (steps * 8 + cells - 1) / cells )) --output "$out/data/$name"
+        --samples-per-cell $(( (steps * 8 + cells - 1) / cells )) --output "$out/data/$name" --overwrite
     fi
     "$here/../single_node.sh" --procs "$procs" --config "$here/passkey_stage.yaml" \
       base_model="$out/base" dataset="$out/data/$name" output_dir="$out/$name" train.steps="$steps" \
