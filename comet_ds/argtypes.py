@@ -52,8 +52,15 @@ positive_int = _number(int, lambda v: v >= 1, "a whole number of at least 1")
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number of at least 0")
 # sizes, temperatures
 positive_float = _number(float, lambda v: 0 < v < float("inf"), "a finite number above 0")
+# sizes where 0 means none (comet-ds bench prep --agent-logs-mb)
+non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite number of at least 0")
 # --top-p
 probability = _number(float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+
+
+def positive_floats(text: str) -> list[float]:
+    """A comma-separated list of sizes: 50,200."""
+    return [positive_float(x) for x in text.split(",")]
 
 
 def choice_list(*choices: str) -> Callable[[str], list[str]]:

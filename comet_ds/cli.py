@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -16,8 +17,10 @@ from comet_ds.argtypes import (
     depths,
     device,
     dtype,
+    non_negative_float,
     non_negative_int,
     positive_float,
+    positive_floats,
     positive_int,
     probability,
     token_count,
@@ -43,10 +46,31 @@ Start here:
 def cmd_init_base(args: argparse.Namespace) -> None:
     from comet_ds.modeling.tiny_base import init_base
 
+    _check_tiny_base_shape(args)
     out = init_base(args.out, args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
                     overwrite=args.overwrite, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"wrote a tiny {args.arch} base model and tokenizer to {out}")
     _print_pretraining(out)
+
+
+def _check_tiny_base_shape(args: argparse.Namespace) -> None:
+    """Refuse, before any work, a tiny base that cannot be built: 4 attention heads of an even size (rotary
+    embeddings pair the dimensions), and weights (with AdamW's state when pretraining) that fit in memory."""
+    import psutil
+
+    from comet_ds.config import CometInputError
+
+    if args.hidden_size % 8:
+        raise CometInputError(f"--hidden-size {args.hidden_size}: give a multiple of 8 (4 attention heads of an "
+                              "even size)")
+    h, vocabulary, intermediate = args.hidden_size, 1100, 128  # the tokenizer's ~1k tokens; the MLP width
+    params = args.layers * (3 * h * h + 3 * h * intermediate + 2 * h) + 2 * vocabulary * h
+    needed = params * 4 * (4 if args.pretrain_steps else 1)  # fp32 weights; + gradients and two AdamW moments
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise CometInputError(f"--layers {args.layers} --hidden-size {h}: {needed / 2**30:,.1f} GiB of weights"
+                              f"{' and optimizer state' if args.pretrain_steps else ''}, over the "
+                              f"{available / 2**30:,.1f} GiB available; choose a smaller model")
 
 
 def _print_pretraining(base: Path) -> None:
@@ -59,10 +83,11 @@ def _print_pretraining(base: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from comet_ds.config import CometInputError
     from comet_ds.modeling.pretrained import export_merged
 
     if not args.merge:
-        raise SystemExit("comet-ds export: only --merge exports exist: pass --merge to write a standalone model")
+        raise CometInputError("export writes merged models only: pass --merge to write a standalone model")
     out = export_merged(args.adapter, args.out, base_model=args.base, allow_base_mismatch=args.allow_base_mismatch,
                         overwrite=args.overwrite)
     print(f"wrote a standalone CoMeT model (LoRA merged) to {out}")
@@ -141,6 +166,7 @@ def _read_prompts(path: str) -> list[dict]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from comet_ds.config import CometInputError
+    from comet_ds.fs import check_output_file
     from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
     from data_prep.tokens import TextEncoder
 
@@ -149,8 +175,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = [{"prompt": text} for text in args.prompt or []] + (_read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise CometInputError("no prompts: give --prompt TEXT or --prompts FILE.jsonl with at least one line")
-    if args.output and Path(args.output).is_dir():
-        raise CometInputError(f"--output {args.output} is a directory: give the JSONL file to write")
+    if args.output:
+        check_output_file(args.output, "--output", inputs=[args.prompts] if args.prompts else [])
     model, tokenizer = _load_for_inference(args)
     stops = () if args.ignore_eos or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -178,6 +204,23 @@ def _claim_eval_directory(args: argparse.Namespace) -> Path:
     return claim_directory(args.out, f"comet-ds eval {args.eval}", overwrite=args.overwrite, inputs=inputs)
 
 
+def _check_passkey_lengths(args: argparse.Namespace) -> None:
+    """Refuse a --lengths too short to hold a passkey prompt with the model's tokenizer, before the model loads."""
+    from transformers import AutoTokenizer
+
+    from comet_ds.config import CometInputError
+    from comet_ds.modeling.pretrained import read_meta
+    from data_prep.passkey import passkey_sample
+    from data_prep.tokens import TextEncoder
+
+    read_meta(args.model)
+    encoder = TextEncoder(AutoTokenizer.from_pretrained(args.model))
+    try:
+        passkey_sample(encoder, min(args.lengths), 0.5, random.Random(0))
+    except ValueError as err:
+        raise CometInputError(f"--lengths: {err}") from None
+
+
 def cmd_eval_passkey(args: argparse.Namespace) -> None:
     import torch
 
@@ -193,6 +236,7 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     out = _claim_eval_directory(args)
+    _check_passkey_lengths(args)
     model, tokenizer = _load_for_inference(args)
     depths = args.depths
     print(f"CoMeT passkey: {len(args.lengths)} lengths x {len(depths)} depths x {args.samples} sample(s)")
@@ -215,14 +259,15 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 
 def cmd_eval_qa(args: argparse.Namespace) -> None:
     from comet_ds.eval.passkey import comet_continuation
-    from comet_ds.eval.qa import evaluate_qa
+    from comet_ds.eval.qa import check_has_answers, evaluate_qa
     from comet_ds.modeling.tokens import inserted_tokens
     from comet_ds.train.data import check_token_ids, load_training_dataset
     from comet_ds.train.tracking import Tracker
 
     out = _claim_eval_directory(args)
-    model, tokenizer = _load_for_inference(args)
     data = load_training_dataset(args.data)
+    check_has_answers(data, args.data)
+    model, tokenizer = _load_for_inference(args)
     check_token_ids(data, len(tokenizer), inserted_tokens(tokenizer), args.data)  # prompts must be text
     result = evaluate_qa(comet_continuation(model), tokenizer, data, args.max_new_tokens, args.limit)
     (out / "qa.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -235,10 +280,32 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
           f"question(s) ({result['skipped']} row(s) without an answer skipped); {out / 'qa.json'}")
 
 
+def _check_bench_arguments(args: argparse.Namespace) -> None:
+    """What a benchmark reads and writes, checked before minutes of measuring: --base is a model directory,
+    --tokenizer loads, --json can be written."""
+    from comet_ds.config import CometInputError
+    from comet_ds.fs import check_output_file
+
+    if getattr(args, "base", None) and not (Path(args.base) / "config.json").is_file():
+        raise CometInputError(f"--base {args.base} is not a base model directory (no config.json); leave it out "
+                              "to use a tiny base built in --workdir")
+    if getattr(args, "tokenizer", None):
+        from data_prep.tokens import TextEncoder
+
+        try:
+            TextEncoder(args.tokenizer)
+        except Exception as err:  # tokenizers raises a bare Exception on a damaged file
+            raise CometInputError(f"--tokenizer {args.tokenizer}: not a tokenizer directory "
+                                  f"({str(err).splitlines()[0]})") from None
+    if args.json:
+        check_output_file(args.json, "--json")
+
+
 def cmd_bench_forward(args: argparse.Namespace) -> None:
     from comet_ds.bench.forward import BENCH_CONFIG, run_all
     from comet_ds.modeling.tiny_base import init_base
 
+    _check_bench_arguments(args)
     base = args.base
     if base is None:
         base = str(Path(args.workdir) / "tiny-base")
@@ -261,6 +328,7 @@ def cmd_bench_prep(args: argparse.Namespace) -> None:
     from comet_ds.bench.prep import bench_one, format_row, write_agent_log_jsonl, write_user_behavior_csv
     from comet_ds.modeling.tiny_base import init_base
 
+    _check_bench_arguments(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = args.tokenizer or str(workdir / "tiny-base")
@@ -297,6 +365,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> None:
     from comet_ds.bench.pipeline import BENCH_CONFIG, run_all
     from comet_ds.modeling.tiny_base import init_base
 
+    _check_bench_arguments(args)
     base = args.base or str(Path(args.workdir) / "tiny-base-4l")
     if args.base is None and not (Path(base) / "config.json").exists():
         init_base(base, num_layers=4)
@@ -567,10 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "peak RSS.\n\nexample: comet-ds bench prep --user-behavior-mb 50,200 "
                                      "--agent-logs-mb 50",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--user-behavior-mb", type=lambda s: [float(x) for x in s.split(",")], default=[50.0, 200.0],
+    p.add_argument("--user-behavior-mb", type=positive_floats, default=[50.0, 200.0],
                    help="sizes of the generated CSVs in MB (default: 50,200)")
-    p.add_argument("--agent-logs-mb", type=float, default=50.0, help="size of the agent-log JSONL (default: 50; "
-                                                                       "0 skips it)")
+    p.add_argument("--agent-logs-mb", type=non_negative_float, default=50.0,
+                   help="size of the agent-log JSONL (default: 50; 0 skips it)")
     p.add_argument("--num-proc", type=positive_int, default=1, help="comet-prep --num-proc (default: 1)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: a tiny base's, built in --workdir)")
     p.add_argument("--workdir", default="runs/bench-prep", help="inputs and outputs (default: runs/bench-prep)")
@@ -604,16 +673,25 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from comet_ds.config import CometInputError
+    from comet_ds.fs import sigterm_unwinds
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices from dependencies
+    # training leaves signals to the deepspeed launcher, which stops every rank
+    unwinds = contextlib.nullcontext() if args.command == "train" else sigterm_unwinds()
     try:
-        args.func(args)
+        with unwinds:
+            args.func(args)
     # bad input: CometInputError; paths that cannot be read or written (missing, a directory, no permission): OSError
     except (CometInputError, OSError, UnicodeDecodeError) as err:
         print(f"comet-ds: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.command == "train":
+            raise
+        print(f"comet-ds {args.command}: interrupted; no scratch directory left behind", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -194,6 +194,6 @@ def parse_token_count(text: str) -> int:
         value = float(cleaned.rstrip("km")) * scale
     except ValueError:
         raise CometConfigError(f"not a token count: {text!r} (use e.g. 4096, 32k, 1m)") from None
-    if value < 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise CometConfigError(f"not a whole positive token count: {text!r}")
     return int(value)

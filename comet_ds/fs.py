@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -75,6 +76,24 @@ def check_output(target: str | Path, command: str, *, overwrite: bool = False,
                                        "to replace it")
 
 
+def check_output_file(target: str | Path, option: str, inputs: Iterable[str | Path] = ()) -> None:
+    """Raise OutputDirectoryError unless the file `target` (given as `option`) can be written and is none
+    of `inputs`: checked before the work whose result it holds, not after it."""
+    target = Path(target)
+    if target.is_dir():
+        raise OutputDirectoryError(f"{option} {target} is a directory: name the file to write")
+    for path in inputs:
+        if target.exists() and target.resolve() == Path(path).resolve():
+            raise OutputDirectoryError(f"{option} {target} is also an input of this command: name another file")
+    parent = target.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputDirectoryError(f"{option} {target}: {parent} is a file, not a directory; name another place")
+    if not parent.is_dir():
+        raise OutputDirectoryError(f"{option} {target}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputDirectoryError(f"{option} {target}: cannot write in {parent}; choose a writable place")
+
+
 def _mark(directory: Path, command: str) -> None:
     (directory / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
 
@@ -131,3 +150,18 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Inside the block SIGTERM raises KeyboardInterrupt as Ctrl-C does, so a command killed by `kill`,
+    a job scheduler or a timeout unwinds through atomic_directory and leaves no scratch directory behind."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,6 @@ import functools
 import itertools
 import math
 import random
-import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from comet_ds.argtypes import (
     token_count,
     token_counts,
 )
-from comet_ds.fs import OutputDirectoryError, check_output, is_inside
+from comet_ds.fs import OutputDirectoryError, check_output, is_inside, sigterm_unwinds
 from data_prep.output import DatasetWriter, file_sha256
 from data_prep.parallel import ordered_map
 
@@ -50,10 +49,14 @@ def _check_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:
-    inputs = [Path(p) for p in args.inputs]
+    inputs, seen = [Path(p) for p in args.inputs], {}
     for path in inputs:
         if not path.is_file():
-            raise SystemExit(f"comet-prep {args.command}: input {path} does not exist")
+            problem = "is a directory: name the files in it" if path.is_dir() else "does not exist"
+            raise ValueError(f"input {path} {problem}")
+        earlier = seen.setdefault(path.resolve(), path)
+        if earlier is not path:  # every record would be read, and trained on, twice
+            raise ValueError(f"input {path} is given twice (also as {earlier}): name each file once")
     return inputs
 
 
@@ -66,6 +69,9 @@ def _check_output(args: argparse.Namespace) -> None:
     check_output(args.output, _command(args), overwrite=args.overwrite,
                  inputs=[args.tokenizer, *getattr(args, "inputs", [])])
     spill = getattr(args, "spill_dir", None)
+    if spill and not Path(spill).is_dir():
+        raise OutputDirectoryError(f"--spill-dir {spill} is not a directory: name an existing directory for the "
+                                   "spill buckets")
     if spill and is_inside(spill, args.output):
         raise OutputDirectoryError(f"--spill-dir {spill} lies inside --output {args.output}: put the spill "
                                    "buckets elsewhere")
@@ -269,25 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the scratch and spill directories are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        _check_output(args)
-        args.func(args)
+        with sigterm_unwinds():
+            _check_output(args)
+            args.func(args)
     except (ValueError, OSError) as err:
         print(f"comet-prep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{_command(args)}: interrupted; no scratch or spill directory left behind", file=sys.stderr)
         raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -91,14 +91,23 @@ def needle_sample(tokenizer: Encoder, length: int, depth: float,
 DepthSpec = float | tuple[float, float]
 
 
+MAX_DEPTHS = 1000  # a count beyond this is a typo: every depth is a sample per length
+
+
 def parse_depths(text: str) -> list[float]:
     """Depths as a count of evenly spaced ones ("5" → 0, .25, .5, .75, 1) or fractions ("0.1,0.5")."""
     if "," not in text and "." not in text:
-        count = int(text)
-        if count < 1:
-            raise ValueError("the number of depths must be >= 1")
+        try:
+            count = int(text)
+        except ValueError:
+            raise ValueError(f"depths {text!r}: give a count (5) or fractions (0.1,0.5)") from None
+        if not 1 <= count <= MAX_DEPTHS:
+            raise ValueError(f"the number of depths must be from 1 to {MAX_DEPTHS} (got {count})")
         return [0.5] if count == 1 else [round(i / (count - 1), 4) for i in range(count)]
-    depths = [float(x) for x in text.split(",")]
+    try:
+        depths = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"depths {text!r}: give a count (5) or fractions (0.1,0.5)") from None
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must be within [0, 1] (got {text})")
     return depths

@@ -16,6 +16,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from comet_ds.config import CometInputError
 from comet_ds.layout import IGNORE_INDEX
 
 
@@ -33,6 +34,17 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def check_has_answers(dataset: Dataset, source: str) -> None:
+    """Refuse, before a model loads, a dataset in which no row has a labelled answer after a prompt."""
+    for batch in dataset.with_format("arrow").iter(batch_size=256):
+        for labels in batch["labels"].to_pylist():
+            if next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), 0) > 0:
+                return
+    raise CometInputError(f"dataset {source} has no row with a labelled answer after a prompt, so there is no "
+                          "question to score; build it with comet-prep passkey, needle, agent-logs --kinds qa or "
+                          "user-behavior")
 
 
 def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,

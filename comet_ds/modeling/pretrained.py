@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -72,7 +73,8 @@ def _file_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
     stat = path.stat()
     key = str(path.resolve())
     known = cache.get(key)
-    if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+    if (isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
+            and isinstance(known.get("sha256"), str)):
         return known["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -90,6 +92,8 @@ def base_weights_fingerprint(base: str | Path) -> str:
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):  # a damaged cache only costs hashing again
         cache = {}
     before = dict(cache)
     digest = hashlib.sha256()
@@ -156,15 +160,46 @@ def save_comet(model: CometForCausalLM, tokenizer: PreTrainedTokenizerBase, out:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The comet_config.json of a CoMeT model directory, checked to be one this comet_ds wrote."""
     file = Path(path) / COMET_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a CoMeT model directory (no {COMET_CONFIG}); "
                                 "pass a directory written by comet-ds (a checkpoint's adapter or an export)")
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointMismatchError(f"{file} is damaged (not JSON: {err}); copy the model directory again "
+                                      "from where it was written") from None
+    if not isinstance(meta, dict):
+        raise CheckpointMismatchError(f"{file} is damaged (a JSON {type(meta).__name__}, not an object); copy the "
+                                      "model directory again from where it was written")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(f"{file}: format version {meta.get('format_version')!r} is not supported "
                                       f"by this comet_ds (expects {FORMAT_VERSION})")
+    sections = ("comet", "tokens", "finetune", "fingerprint")
+    damaged = [key for key in sections if not isinstance(meta.get(key), dict)]
+    if damaged or not isinstance(meta.get("base_model"), (str, type(None))):
+        raise CheckpointMismatchError(f"{file} is damaged ({', '.join(damaged) or 'base_model'} missing or of the "
+                                      "wrong type); copy the model directory again from where it was written")
     return meta
+
+
+def check_weight_files(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse, before any model loads, a CoMeT model directory whose safetensors files are missing or
+    damaged (a truncated copy, an interrupted download): only their headers are read."""
+    names = [MEMORY_WEIGHTS, *([ADAPTER_WEIGHTS, "adapter_config.json"] if meta["base_model"] is not None else [])]
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointMismatchError(f"{path} is incomplete: {name} is missing; copy the whole model directory "
+                                          "again from where it was written")
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except SafetensorError as err:
+                raise CheckpointMismatchError(f"{file} is damaged ({err}); copy the model directory again from "
+                                              "where it was written") from None
 
 
 def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneSettings,
@@ -197,6 +232,7 @@ def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: to
     """
     path = Path(path)
     meta = read_meta(path)
+    check_weight_files(path, meta)
     settings = FinetuneSettings.from_dict(meta["finetune"])
     config, tokens = CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"])
     base = path if meta["base_model"] is None else Path(base_model or meta["base_model"])
@@ -238,6 +274,7 @@ def export_merged(path: str | Path, out: str | Path, base_model: str | Path | No
     """
     path = Path(path)
     meta = read_meta(path)
+    check_weight_files(path, meta)
     inputs = [path, *filter(None, [base_model or meta["base_model"]])]
     check_output(out, EXPORT, overwrite=overwrite, inputs=inputs)  # before loading: a refusal costs no time
     if meta["base_model"] is None:

@@ -130,6 +130,9 @@ def describe(run: RunConfig, check: Preflight) -> str:
     lines.append("memory estimate (fp32): " + ", ".join(f"{k} {v}" for k, v in check.memory_estimate_mib.items()))
     if not run.pipeline.bptt_window:
         lines.append("  activations are kept for every chunk of a sequence (set pipeline.bptt_window to bound them)")
+    if run.train.save_every > run.train.steps:
+        lines.append(f"  train.save_every ({run.train.save_every}) exceeds train.steps ({run.train.steps}): the only "
+                     "checkpoint is the last step's, so a run stopped before it starts over")
     lines += check.skipped_checkpoints
     if check.resume_tag:
         lines.append(f"resume from checkpoint {check.resume_tag}")

@@ -104,7 +104,7 @@ class Tracker:
 
     def _give_up(self, err: Exception) -> None:
         warnings.warn(redact(f"MLflow tracking at {self.tracking_uri} is unavailable ({type(err).__name__}: {err}); "
-                             f"training continues and metrics are kept in {self.metrics_file}"), stacklevel=3)
+                             f"the run continues and metrics are kept in {self.metrics_file}"), stacklevel=3)
         self._mlflow = None
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
