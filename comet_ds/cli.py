@@ -254,9 +254,6 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
               f" tokens/s: {last['tokens_per_s'] / first['tokens_per_s']:.3f}x")
 
 
-DEMO_COMET = {"chunk_size": 128, "global_slots": 8, "temp_stride": 8, "temp_budget": 64}
-
-
 def cmd_bench_prep(args: argparse.Namespace) -> None:
     from comet_ds.bench.prep import bench_one, format_row, write_agent_log_jsonl, write_user_behavior_csv
     from comet_ds.modeling.tiny_base import init_base
@@ -312,6 +309,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
+    from comet_ds.configs import example_run_config
     from comet_ds.fs import claim_directory
     from comet_ds.layout import IGNORE_INDEX, ChunkLayout
     from comet_ds.modeling.pretrained import export_merged, load_comet
@@ -332,14 +330,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         prep(["passkey", "--tokenizer", str(base), "--lengths", str(args.train_tokens), "--depths", "5",
               "--samples-per-cell", "8", "--output", str(out / "passkey"),
               *(["--overwrite"] if args.overwrite else [])])
-    run_config = {
-        "base_model": str(base), "dataset": str(out / "passkey"), "output_dir": str(out / "train"),
-        "deepspeed_config": str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_fp32_2stage.json"),
-        "comet": DEMO_COMET, "finetune": {"method": "lora"},
-        "train": {"steps": args.steps, "lr": 2e-3, "warmup_steps": 2, "grad_clip": 1.0,
-                  "save_every": args.steps, "log_every": 1},
-        "tracking": {"experiment": "comet_ds-demo"},
-    }
+    # the packaged example run config (the one `comet-ds train --help` shows) with the demo's paths and steps
+    run_config = yaml.safe_load(example_run_config().read_text(encoding="utf-8"))
+    run_config.update(base_model=str(base), dataset=str(out / "passkey"), output_dir=str(out / "train"))
+    run_config["train"].update(steps=args.steps, save_every=args.steps)
+    run_config["tracking"]["experiment"] = "comet_ds-demo"
     (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     with step(f"fine-tune CoMeT + LoRA on 2 pipeline stages (deepspeed launcher, {args.steps} steps)"):
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
@@ -412,6 +407,7 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from comet_ds import __version__
+    from comet_ds.configs import example_run_config, packaged_deepspeed_configs
 
     parser = argparse.ArgumentParser(prog="comet-ds", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -454,8 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune on DeepSpeed pipeline stages (run it under the deepspeed launcher)",
                        description="Train a CoMeT model from a run config (YAML). Pipeline stages come from the "
                                    "DeepSpeed config it names (pipeline.stages); the remaining processes form "
-                                   "data-parallel replicas.\n\nexamples:\n"
-                                   "  comet-ds train --config launch/examples/tiny_cpu.yaml --dry-run\n"
+                                   "data-parallel replicas.\n\ndeepspeed_config in the run config: the path of a "
+                                   "DeepSpeed .json file, or the name of a packaged one:\n  "
+                                   f"{', '.join(packaged_deepspeed_configs())}\n\nexamples:\n"
+                                   f"  comet-ds train --config {example_run_config()} --dry-run\n"
                                    "  deepspeed --num_gpus 2 --module comet_ds.cli train --config RUN.yaml "
                                    "train.steps=50\n  launch/single_node.sh --procs 2 --config RUN.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

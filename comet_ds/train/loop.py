@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from importlib.resources import as_file
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,8 @@ def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
         with output_directory(output / "adapter", "comet-ds train", overwrite=True) as scratch:  # its own only
             shutil.copytree(final, scratch, dirs_exist_ok=True)
         tracker.log_artifacts(output / "adapter", "adapter")
-        tracker.log_artifact(run.deepspeed_config)
+        with as_file(run.deepspeed_file()) as deepspeed_path:  # a packaged config as a file too
+            tracker.log_artifact(deepspeed_path)
         tracker.close()
     dist.barrier()
     return {"losses": losses, "adapter": str(output / "adapter"), "start_step": start,
