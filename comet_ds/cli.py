@@ -12,10 +12,9 @@ import time
 import warnings
 from pathlib import Path
 
-from comet_ds.argtypes import (
+from comet_ds.argtypes import device, dtype
+from data_prep.argtypes import (
     depths,
-    device,
-    dtype,
     non_negative_int,
     positive_float,
     positive_int,
@@ -172,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _claim_eval_directory(args: argparse.Namespace) -> Path:
     """--out of an eval, checked and created before any loading: new, empty or (with --overwrite) this
     eval's own earlier directory, whose files are then replaced; outside the model, base and data."""
-    from comet_ds.fs import claim_directory
+    from data_prep.fs import claim_directory
 
     inputs = [args.model, *filter(None, [args.base, getattr(args, "data", None)])]
     return claim_directory(args.out, f"comet-ds eval {args.eval}", overwrite=args.overwrite, inputs=inputs)
@@ -310,12 +309,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import yaml
 
     from comet_ds.configs import example_run_config
-    from comet_ds.fs import claim_directory
     from comet_ds.layout import IGNORE_INDEX, ChunkLayout
     from comet_ds.modeling.pretrained import export_merged, load_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
     from comet_ds.resources import free_port, peak_rss_mib
     from data_prep.cli import main as prep
+    from data_prep.fs import claim_directory
     from data_prep.tokens import TextEncoder
 
     out = claim_directory(Path(args.out).absolute(), "comet-ds demo", overwrite=args.overwrite)

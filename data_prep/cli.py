@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from comet_ds.argtypes import (
+from data_prep.argtypes import (
     choice_list,
     column_mapping,
     depth_specs,
@@ -23,7 +23,7 @@ from comet_ds.argtypes import (
     token_count,
     token_counts,
 )
-from comet_ds.fs import OutputDirectoryError, check_output, is_inside
+from data_prep.fs import OutputDirectoryError, check_output, is_inside
 from data_prep.output import DatasetWriter, file_sha256
 from data_prep.parallel import ordered_map
 

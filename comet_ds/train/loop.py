@@ -19,11 +19,11 @@ from typing import Any
 import torch
 
 from comet_ds.config import CometConfigError
-from comet_ds.fs import check_output, output_directory
 from comet_ds.layout import ChunkLayout
 from comet_ds.train.config import RunConfig
 from comet_ds.train.data import check_has_targets, load_training_dataset
 from comet_ds.train.tracking import redact
+from data_prep.fs import check_output, output_directory
 
 
 @dataclass(frozen=True)
