@@ -13,10 +13,9 @@ import time
 import warnings
 from pathlib import Path
 
-from comet_ds.argtypes import (
+from comet_ds.argtypes import device, dtype
+from data_prep.argtypes import (
     depths,
-    device,
-    dtype,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -166,8 +165,8 @@ def _read_prompts(path: str) -> list[dict]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from comet_ds.config import CometInputError
-    from comet_ds.fs import check_output_file
     from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
+    from data_prep.fs import check_output_file
     from data_prep.tokens import TextEncoder
 
     if any(not text for text in args.prompt or []):
@@ -198,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _claim_eval_directory(args: argparse.Namespace) -> Path:
     """--out of an eval, checked and created before any loading: new, empty or (with --overwrite) this
     eval's own earlier directory, whose files are then replaced; outside the model, base and data."""
-    from comet_ds.fs import claim_directory
+    from data_prep.fs import claim_directory
 
     inputs = [args.model, *filter(None, [args.base, getattr(args, "data", None)])]
     return claim_directory(args.out, f"comet-ds eval {args.eval}", overwrite=args.overwrite, inputs=inputs)
@@ -284,7 +283,7 @@ def _check_bench_arguments(args: argparse.Namespace) -> None:
     """What a benchmark reads and writes, checked before minutes of measuring: --base is a model directory,
     --tokenizer loads, --json can be written."""
     from comet_ds.config import CometInputError
-    from comet_ds.fs import check_output_file
+    from data_prep.fs import check_output_file
 
     if getattr(args, "base", None) and not (Path(args.base) / "config.json").is_file():
         raise CometInputError(f"--base {args.base} is not a base model directory (no config.json); leave it out "
@@ -319,9 +318,6 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
         first, last = rows[-2], rows[-1]
         print(f"peak RSS {last['tokens']:,} / {first['tokens']:,}: {last['peak_rss_mib'] / first['peak_rss_mib']:.3f}x;"
               f" tokens/s: {last['tokens_per_s'] / first['tokens_per_s']:.3f}x")
-
-
-DEMO_COMET = {"chunk_size": 128, "global_slots": 8, "temp_stride": 8, "temp_budget": 64}
 
 
 def cmd_bench_prep(args: argparse.Namespace) -> None:
@@ -381,12 +377,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
-    from comet_ds.fs import claim_directory
+    from comet_ds.configs import example_run_config
     from comet_ds.layout import IGNORE_INDEX, ChunkLayout
     from comet_ds.modeling.pretrained import export_merged, load_comet
     from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
     from comet_ds.resources import free_port, peak_rss_mib
     from data_prep.cli import main as prep
+    from data_prep.fs import claim_directory
     from data_prep.tokens import TextEncoder
 
     out = claim_directory(Path(args.out).absolute(), "comet-ds demo", overwrite=args.overwrite)
@@ -401,14 +398,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         prep(["passkey", "--tokenizer", str(base), "--lengths", str(args.train_tokens), "--depths", "5",
               "--samples-per-cell", "8", "--output", str(out / "passkey"),
               *(["--overwrite"] if args.overwrite else [])])
-    run_config = {
-        "base_model": str(base), "dataset": str(out / "passkey"), "output_dir": str(out / "train"),
-        "deepspeed_config": str(Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_fp32_2stage.json"),
-        "comet": DEMO_COMET, "finetune": {"method": "lora"},
-        "train": {"steps": args.steps, "lr": 2e-3, "warmup_steps": 2, "grad_clip": 1.0,
-                  "save_every": args.steps, "log_every": 1},
-        "tracking": {"experiment": "comet_ds-demo"},
-    }
+    # the packaged example run config (the one `comet-ds train --help` shows) with the demo's paths and steps
+    run_config = yaml.safe_load(example_run_config().read_text(encoding="utf-8"))
+    run_config.update(base_model=str(base), dataset=str(out / "passkey"), output_dir=str(out / "train"))
+    run_config["train"].update(steps=args.steps, save_every=args.steps)
+    run_config["tracking"]["experiment"] = "comet_ds-demo"
     (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     with step(f"fine-tune CoMeT + LoRA on 2 pipeline stages (deepspeed launcher, {args.steps} steps)"):
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
@@ -481,6 +475,7 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from comet_ds import __version__
+    from comet_ds.configs import example_run_config, packaged_deepspeed_configs
 
     parser = argparse.ArgumentParser(prog="comet-ds", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -523,8 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune on DeepSpeed pipeline stages (run it under the deepspeed launcher)",
                        description="Train a CoMeT model from a run config (YAML). Pipeline stages come from the "
                                    "DeepSpeed config it names (pipeline.stages); the remaining processes form "
-                                   "data-parallel replicas.\n\nexamples:\n"
-                                   "  comet-ds train --config launch/examples/tiny_cpu.yaml --dry-run\n"
+                                   "data-parallel replicas.\n\ndeepspeed_config in the run config: the path of a "
+                                   "DeepSpeed .json file, or the name of a packaged one:\n  "
+                                   f"{', '.join(packaged_deepspeed_configs())}\n\nexamples:\n"
+                                   f"  comet-ds train --config {example_run_config()} --dry-run\n"
                                    "  deepspeed --num_gpus 2 --module comet_ds.cli train --config RUN.yaml "
                                    "train.steps=50\n  launch/single_node.sh --procs 2 --config RUN.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -673,7 +670,7 @@ def main(argv: list[str] | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from comet_ds.config import CometInputError
-    from comet_ds.fs import sigterm_unwinds
+    from data_prep.fs import sigterm_unwinds
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -12,9 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class CometInputError(ValueError):
-    """Input the user has to fix (config, data, model directory); the message says what to change."""
+from data_prep.errors import CometInputError
 
 
 class CometConfigError(CometInputError):
@@ -185,15 +183,3 @@ def _typed(name: str, annotation: str, value: Any) -> Any:
         raise CometConfigError(f"{name} must be {expected} (got {value!r})")
     return value
 
-
-def parse_token_count(text: str) -> int:
-    """A token count as people write it: 4096, 32k, 1.5k, 1m (k = 1024, m = 1024**2)."""
-    cleaned = text.strip().lower()
-    scale = {"k": 1024, "m": 1024**2}.get(cleaned[-1:], 1)
-    try:
-        value = float(cleaned.rstrip("km")) * scale
-    except ValueError:
-        raise CometConfigError(f"not a token count: {text!r} (use e.g. 4096, 32k, 1m)") from None
-    if not math.isfinite(value) or value < 1 or value != int(value):
-        raise CometConfigError(f"not a whole positive token count: {text!r}")
-    return int(value)

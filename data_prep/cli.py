@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from comet_ds.argtypes import (
+from data_prep.argtypes import (
     choice_list,
     column_mapping,
     depth_specs,
@@ -22,7 +22,7 @@ from comet_ds.argtypes import (
     token_count,
     token_counts,
 )
-from comet_ds.fs import OutputDirectoryError, check_output, is_inside, sigterm_unwinds
+from data_prep.fs import OutputDirectoryError, check_output, is_inside, sigterm_unwinds
 from data_prep.output import DatasetWriter, file_sha256
 from data_prep.parallel import ordered_map
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from comet_ds.fs import output_directory
+from data_prep.fs import output_directory
 from data_prep.qa import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -64,7 +64,7 @@ class DatasetWriter:
             writer.finish(extra)                # nothing is published unless this runs
 
     Leaving the block without finish(), or with an exception, leaves `output` untouched. `output` is
-    written as comet_ds.fs.output_directory allows: new, empty, or an earlier output of `command` with
+    written as data_prep.fs.output_directory allows: new, empty, or an earlier output of `command` with
     `overwrite`, and outside the tokenizer and `inputs`. The rows go straight into the dataset's one
     shard in the layout `save_to_disk` writes (`load_from_disk` reads it): re-saving through
     `datasets` would read the whole file back through memory.

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from comet_ds.cli import main as comet_ds
-from comet_ds.fs import OUTPUT_MARKER
 from data_prep.cli import main as prep
+from data_prep.fs import OUTPUT_MARKER
 
 TRAJECTORY = {"id": "run-1", "messages": [{"role": "user", "content": "Say hi."},
                                           {"role": "assistant", "content": "hi"}]}
@@ -238,7 +238,7 @@ def test_an_interrupted_prep_leaves_no_scratch_or_spill(base_dirs, tmp_path, sig
 def test_a_training_run_replaces_only_its_own_final_adapter(tmp_path):
     """The arguments train() gives for output_dir/adapter: its earlier adapter is replaced whole, a
     directory it did not write is refused, and a failure keeps the earlier one."""
-    from comet_ds.fs import OutputDirectoryError, output_directory
+    from data_prep.fs import OutputDirectoryError, output_directory
 
     adapter = tmp_path / "adapter"
     for weights in (b"first", b"second"):

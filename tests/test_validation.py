@@ -72,6 +72,22 @@ def test_half_precision_is_refused_without_a_gpu(tmp_path, monkeypatch, precisio
     cpu.check_precision()
 
 
+def test_a_packaged_deepspeed_config_is_named_by_its_short_name(tmp_path):
+    run = RunConfig(base_model="base", dataset="data", output_dir=str(tmp_path), deepspeed_config="gpu_bf16_4stage")
+    assert run.pipeline_stages() == 4
+    assert run.deepspeed_dict()["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize("deepspeed_config", ["cpu_fp32", "cpu_fp32_2stage.yaml", "ds_configs"])
+def test_an_unknown_deepspeed_config_name_lists_the_packaged_ones(tmp_path, capsys, deepspeed_config):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"base_model": "base", "dataset": "data", "output_dir": str(tmp_path / "out"),
+                                      "deepspeed_config": deepspeed_config}))
+    err = one_error_line(capsys, ["train", "--config", str(config), "--dry-run"])
+    assert f"deepspeed_config {deepspeed_config!r} is not a packaged DeepSpeed config; name one of " \
+           "cpu_fp32_2stage, gpu_bf16_4stage, gpu_bf16_8stage or give the path of a .json file" in err
+
+
 # -- the run config ---------------------------------------------------------------------------------
 
 
@@ -205,7 +221,7 @@ def test_train_with_half_precision_on_a_cpu_is_refused_before_the_process_group(
     deepspeed = {"pipeline": {"stages": 2}, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
     path = write_run(tmp_path, base_dirs["llama"], passkey_data, deepspeed=deepspeed)
     err = one_error_line(capsys, ["train", "--config", str(path)])
-    assert "enables bf16, which needs a GPU, and none is visible" in err and "cpu_fp32_2stage.json" in err
+    assert "enables bf16, which needs a GPU, and none is visible" in err and "deepspeed_config: cpu_fp32_2stage" in err
 
 
 def test_launcher_environment_is_accepted(monkeypatch):

@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from comet_ds.config import CometConfig, parse_token_count
+from comet_ds.config import CometConfig
 from comet_ds.resources import peak_rss_mib, reset_peak_memory, rss_mib
+from data_prep.argtypes import token_count
 
 BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)
 
@@ -68,7 +69,7 @@ def format_row(row: dict[str, float]) -> str:
 def main() -> None:  # one length, in this process (called by run_all)
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", required=True)
-    parser.add_argument("--length", type=parse_token_count, required=True)
+    parser.add_argument("--length", type=token_count, required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
-from comet_ds.fs import atomic_directory, check_output, output_directory
 from comet_ds.modeling.backbone import load_backbone
 from comet_ds.modeling.finetune import FinetuneSettings, apply_finetune
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.tokens import extend_tokenizer
+from data_prep.fs import atomic_directory, check_output, output_directory
 
 COMET_CONFIG = "comet_config.json"
 MEMORY_WEIGHTS = "comet_memory.safetensors"

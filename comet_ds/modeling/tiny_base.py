@@ -33,8 +33,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from comet_ds.fs import output_directory
-from comet_ds.train.optim import warmup_cosine
+from comet_ds.schedule import warmup_cosine
+from data_prep.fs import output_directory
 
 ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
                  "qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}

@@ -12,12 +12,16 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from comet_ds.config import CometConfig, CometConfigError, _known_fields
+from comet_ds.configs import names_packaged_config, packaged_deepspeed_config, packaged_deepspeed_configs
 from comet_ds.modeling.finetune import FinetuneSettings
+
+if TYPE_CHECKING:  # importlib.resources.abc is new in Python 3.11
+    from importlib.resources.abc import Traversable
 
 # DeepSpeed keys the run config sets from its own values.
 OWNED_DEEPSPEED_KEYS = {
@@ -88,7 +92,7 @@ class RunConfig:
     base_model: str
     dataset: str
     output_dir: str
-    deepspeed_config: str
+    deepspeed_config: str  # a .json file, or a packaged config's short name such as cpu_fp32_2stage
     comet: CometConfig = field(default_factory=CometConfig)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
@@ -120,14 +124,22 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def deepspeed_dict(self) -> dict[str, Any]:
-        """The DeepSpeed config with the values the run config owns filled in."""
+    def deepspeed_file(self) -> Traversable:
+        """The DeepSpeed config file deepspeed_config names: a packaged one by short name, or a path."""
+        if names_packaged_config(self.deepspeed_config):
+            return packaged_deepspeed_config(self.deepspeed_config)
         path = Path(self.deepspeed_config)
         if not path.is_file():
             problem = "is a directory" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} {problem} (see ds_configs/ for examples)")
+            raise FileNotFoundError(f"DeepSpeed config {str(path)!r} {problem}; give a .json file or name a "
+                                    f"packaged one: {', '.join(packaged_deepspeed_configs())}")
+        return path
+
+    def deepspeed_dict(self) -> dict[str, Any]:
+        """The DeepSpeed config with the values the run config owns filled in."""
+        file, path = self.deepspeed_file(), self.deepspeed_config
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise CometConfigError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
         except UnicodeDecodeError:
@@ -164,8 +176,8 @@ class RunConfig:
             if config.get(name, {}).get("enabled", False):
                 raise CometConfigError(
                     f"DeepSpeed config {self.deepspeed_config} enables {name}, which needs a GPU, and none is "
-                    f"visible: on the CPU train in fp32 (set {name}.enabled to false, as in "
-                    "ds_configs/cpu_fp32_2stage.json)")
+                    f"visible: on the CPU train in fp32 (set {name}.enabled to false, or use the packaged "
+                    "deepspeed_config: cpu_fp32_2stage)")
 
 
 # the DeepSpeed sections this tool reads, and the shape each must have
@@ -174,7 +186,7 @@ DEEPSPEED_SECTIONS = {"zero_optimization": '{"stage": 1}', "pipeline": '{"stages
 HALF_PRECISIONS = ("fp16", "bf16", "bfloat16")  # DeepSpeed still reads "bfloat16" as bf16
 
 
-def _check_deepspeed_sections(config: dict[str, Any], path: Path) -> None:
+def _check_deepspeed_sections(config: dict[str, Any], path: str) -> None:
     """The sections this tool reads have the types DeepSpeed expects: a string "1" or a bare 5 would
     otherwise fail deep inside DeepSpeed, or compare wrongly here."""
     def whole(value: Any) -> bool:

@@ -12,17 +12,18 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from importlib.resources import as_file
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from comet_ds.config import CometConfigError
-from comet_ds.fs import check_output, output_directory
 from comet_ds.layout import ChunkLayout
 from comet_ds.train.config import RunConfig
 from comet_ds.train.data import check_has_targets, load_training_dataset
 from comet_ds.train.tracking import redact
+from data_prep.fs import check_output, output_directory
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,8 @@ def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
         with output_directory(output / "adapter", "comet-ds train", overwrite=True) as scratch:  # its own only
             shutil.copytree(final, scratch, dirs_exist_ok=True)
         tracker.log_artifacts(output / "adapter", "adapter")
-        tracker.log_artifact(run.deepspeed_config)
+        with as_file(run.deepspeed_file()) as deepspeed_path:  # a packaged config as a file too
+            tracker.log_artifact(deepspeed_path)
         tracker.close()
     dist.barrier()
     return {"losses": losses, "adapter": str(output / "adapter"), "start_step": start,

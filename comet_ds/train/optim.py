@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from comet_ds.schedule import warmup_cosine
 
 
 def parameter_groups(module: nn.Module, memory_params: set[int], lr: float, weight_decay: float,
@@ -19,18 +19,6 @@ def parameter_groups(module: nn.Module, memory_params: set[int], lr: float, weig
     return [{"params": params, "lr": lr * (memory_lr_multiplier if is_memory else 1.0),
              "weight_decay": weight_decay if decayed else 0.0}
             for (is_memory, decayed), params in sorted(groups.items())]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LambdaLR factor: 0 → 1 linearly over the warmup, then cosine down to 0 at total_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def build_optimizer(module: nn.Module, memory_params: set[int], lr: float, weight_decay: float,

@@ -45,7 +45,6 @@ while [ $# -gt 0 ]; do
   esac
 done
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)  # so the script runs from any directory
 [ -f "$out/base/config.json" ] || comet-ds init-base --out "$out/base" --pretrain-steps "$pretrain_steps"
 
 count() { echo $(( $(tr -cd , <<<"$1" | wc -c) + 1 )); }  # items in a comma list
@@ -67,7 +66,6 @@ stage() {  # name, sequence lengths, depth ranges, steps at scale 1, settings of
     fi
     "$here/../single_node.sh" --procs "$procs" --config "$here/passkey_stage.yaml" \
       base_model="$out/base" dataset="$out/data/$name" output_dir="$out/$name" train.steps="$steps" \
-      deepspeed_config="$root/ds_configs/cpu_fp32_2stage.json" \
       ${previous:+init_from="$out/$previous/adapter"} "${settings[@]}" "${resume[@]}"
   fi
   previous=$name

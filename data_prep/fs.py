@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from comet_ds.config import CometInputError
+from data_prep.errors import CometInputError
 
 OUTPUT_MARKER = ".comet_ds-output.json"
 

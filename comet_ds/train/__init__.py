@@ -1,0 +1,1 @@
+"""Training: the run config, data order, optimiser, checkpoints, tracking and the loop (`comet-ds train`)."""
