@@ -43,33 +43,13 @@ Start here:
 
 
 def cmd_init_base(args: argparse.Namespace) -> None:
-    from comet_ds.modeling.tiny_base import init_base
+    from comet_ds.modeling.tiny_base import check_buildable, init_base
 
-    _check_tiny_base_shape(args)
+    check_buildable(args.arch, pretrain=args.pretrain_steps > 0, hidden_size=args.hidden_size, num_layers=args.layers)
     out = init_base(args.out, args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
                     overwrite=args.overwrite, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"wrote a tiny {args.arch} base model and tokenizer to {out}")
     _print_pretraining(out)
-
-
-def _check_tiny_base_shape(args: argparse.Namespace) -> None:
-    """Refuse, before any work, a tiny base that cannot be built: 4 attention heads of an even size (rotary
-    embeddings pair the dimensions), and weights (with AdamW's state when pretraining) that fit in memory."""
-    import psutil
-
-    from comet_ds.config import CometInputError
-
-    if args.hidden_size % 8:
-        raise CometInputError(f"--hidden-size {args.hidden_size}: give a multiple of 8 (4 attention heads of an "
-                              "even size)")
-    h, vocabulary, intermediate = args.hidden_size, 1100, 128  # the tokenizer's ~1k tokens; the MLP width
-    params = args.layers * (3 * h * h + 3 * h * intermediate + 2 * h) + 2 * vocabulary * h
-    needed = params * 4 * (4 if args.pretrain_steps else 1)  # fp32 weights; + gradients and two AdamW moments
-    available = psutil.virtual_memory().available
-    if needed > available:
-        raise CometInputError(f"--layers {args.layers} --hidden-size {h}: {needed / 2**30:,.1f} GiB of weights"
-                              f"{' and optimizer state' if args.pretrain_steps else ''}, over the "
-                              f"{available / 2**30:,.1f} GiB available; choose a smaller model")
 
 
 def _print_pretraining(base: Path) -> None:
@@ -289,13 +269,9 @@ def _check_bench_arguments(args: argparse.Namespace) -> None:
         raise CometInputError(f"--base {args.base} is not a base model directory (no config.json); leave it out "
                               "to use a tiny base built in --workdir")
     if getattr(args, "tokenizer", None):
-        from data_prep.tokens import TextEncoder
+        from data_prep.tokens import open_tokenizer
 
-        try:
-            TextEncoder(args.tokenizer)
-        except Exception as err:  # tokenizers raises a bare Exception on a damaged file
-            raise CometInputError(f"--tokenizer {args.tokenizer}: not a tokenizer directory "
-                                  f"({str(err).splitlines()[0]})") from None
+        open_tokenizer(args.tokenizer)
     if args.json:
         check_output_file(args.json, "--json")
 

@@ -39,13 +39,13 @@ manifest.json beside the data).
 
 def _check_tokenizer(args: argparse.Namespace) -> None:
     """Fail here, with one line, on a bad --tokenizer: a worker process failing to load it would not."""
-    from data_prep.tokens import TextEncoder
+    from data_prep.errors import CometInputError
+    from data_prep.tokens import open_tokenizer
 
     try:
-        TextEncoder(args.tokenizer)
-    except Exception as err:  # tokenizers raises a bare Exception on a damaged file
-        raise SystemExit(f"comet-prep {args.command}: --tokenizer {args.tokenizer}: not a tokenizer "
-                         f"directory ({str(err).splitlines()[0]})") from None
+        open_tokenizer(args.tokenizer)
+    except CometInputError as err:
+        raise SystemExit(f"comet-prep {args.command}: {err}") from None
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:

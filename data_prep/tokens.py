@@ -90,3 +90,15 @@ class TextEncoder:
         if self._fast is not None:
             return self._fast.decode(ids, skip_special_tokens=False)
         return self._slow.decode(ids)
+
+
+def open_tokenizer(tokenizer_dir: str | Path) -> TextEncoder:
+    """A --tokenizer directory's encoder, or one line saying it is not one (tokenizers raises a bare
+    Exception on a damaged file); checked before any work, since a worker failing to load it would not say."""
+    from data_prep.errors import CometInputError
+
+    try:
+        return TextEncoder(tokenizer_dir)
+    except Exception as err:
+        raise CometInputError(f"--tokenizer {tokenizer_dir}: not a tokenizer directory "
+                              f"({str(err).splitlines()[0]})") from None

@@ -103,6 +103,28 @@ def tiny_model(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers:
     return model_class(config).float()
 
 
+def check_buildable(arch: str, *, pretrain: bool, hidden_size: int = 64, num_layers: int = 4,
+                    num_heads: int = 4) -> None:
+    """Refuse, before any work, a tiny base that cannot be built: attention heads of an even size (rotary
+    embeddings pair the dimensions), and weights (plus gradients and AdamW's two moments when pretraining)
+    that fit in the memory available. The size is counted on a meta-device copy: no memory is allocated."""
+    import psutil
+
+    from data_prep.errors import CometInputError
+
+    if hidden_size % (2 * num_heads):
+        raise CometInputError(f"hidden size {hidden_size}: give a multiple of {2 * num_heads} ({num_heads} attention "
+                              "heads of an even size)")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in tiny_model(arch, 1024, hidden_size=hidden_size, num_layers=num_layers,
+                                                   num_heads=num_heads).parameters())
+    needed, available = params * 4 * (4 if pretrain else 1), psutil.virtual_memory().available
+    if needed > available:
+        raise CometInputError(f"{num_layers} layers of hidden size {hidden_size}: {needed / 2**30:,.1f} GiB of fp32 "
+                              f"weights{' and optimizer state' if pretrain else ''}, over the "
+                              f"{available / 2**30:,.1f} GiB available; choose a smaller model")
+
+
 def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: int, *, seq_len: int = 256,
              batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Next-token training on the packed synthetic corpus (AdamW, warmup then cosine); returns a summary."""
