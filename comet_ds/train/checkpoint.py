@@ -208,7 +208,7 @@ def save_checkpoint(engine: Any, model: CometForCausalLM, tokenizer: Any, root: 
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(tag + "\n")
         os.replace(pointer, root / LATEST)
-        _prune(root, keep)
+        _prune(root, keep, just_written=final)
     dist.barrier()
     return final
 
@@ -226,13 +226,16 @@ def _assemble_adapter(model: CometForCausalLM, tokenizer: Any, staging: Path, se
     write_comet(model, tokenizer, adapter, settings, None if settings.method == "full" else base_model)
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, just_written: Path | None = None) -> None:
     """Delete all but the `keep` newest checkpoints, but never the newest one that verifies (a damaged newer
-    one must not cost the last good one), and nothing that is not a step-N directory this module wrote."""
+    one must not cost the last good one), never `just_written`, and nothing that is not a step-N directory
+    this module wrote. `just_written` counts as verified without reading it again: its manifest was made
+    from these very files a moment ago, and it is normally the newest, so a save hashes nothing twice."""
     written = [path for path in _step_dirs(root) if (path / TRAINER_STATE).is_file()]
-    newest_verified = next((path for path in reversed(written) if checkpoint_problem(path) is None), None)
+    newest_verified = next((path for path in reversed(written)
+                            if path == just_written or checkpoint_problem(path) is None), None)
     for old in written[:-keep]:
-        if old != newest_verified:
+        if old not in (newest_verified, just_written):
             shutil.rmtree(old, ignore_errors=True)
 
 
