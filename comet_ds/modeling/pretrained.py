@@ -24,7 +24,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from comet_ds.config import CheckpointMismatchError, CometConfig, CometTokens
 from comet_ds.modeling.backbone import load_backbone
@@ -32,6 +32,7 @@ from comet_ds.modeling.finetune import FinetuneSettings, apply_finetune
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.tokens import extend_tokenizer
 from data_prep.fs import atomic_directory, check_output, output_directory
+from data_prep.output import file_sha256
 
 COMET_CONFIG = "comet_config.json"
 MEMORY_WEIGHTS = "comet_memory.safetensors"
@@ -76,11 +77,7 @@ def _file_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
     if (isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
             and isinstance(known.get("sha256"), str)):
         return known["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
     return cache[key]["sha256"]
 
 
@@ -236,15 +233,16 @@ def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: to
     settings = FinetuneSettings.from_dict(meta["finetune"])
     config, tokens = CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"])
     base = path if meta["base_model"] is None else Path(base_model or meta["base_model"])
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    backbone = load_backbone(base, dtype)
-    found = _fingerprint(backbone.config)
+    # the base is checked before it loads, so that a refusal costs no time: first its shape, then its weights
+    found = _fingerprint(AutoConfig.from_pretrained(base))
     if found != meta["fingerprint"]:
         raise CheckpointMismatchError(
             f"{path} was trained on a base with {meta['fingerprint']} but {base} has {found}; "
             "load it onto the base model it was trained from")
     if meta["base_model"] is not None:
         check_base_weights(path, meta, base, allow_base_mismatch)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    backbone = load_backbone(base, dtype)
     fit_vocabulary(backbone, tokenizer, mean_resizing=False)  # inserted rows come from the checkpoint
     model = CometForCausalLM(backbone, config, tokens)
     if meta["base_model"] is not None:  # LoRA: inject adapters, then fill them
@@ -281,8 +279,8 @@ def export_merged(path: str | Path, out: str | Path, base_model: str | Path | No
         model, tokenizer, _ = load_comet(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = load_backbone(base_model or meta["base_model"])
         check_base_weights(path, meta, Path(base_model or meta["base_model"]), allow_base_mismatch)
+        backbone = load_backbone(base_model or meta["base_model"])
         fit_vocabulary(backbone, tokenizer, mean_resizing=False)
         merged = PeftModel.from_pretrained(backbone, path).merge_and_unload()
         model = CometForCausalLM(merged, CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"]))

@@ -31,6 +31,7 @@ from comet_ds.config import CometInputError
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.pretrained import write_comet
+from data_prep.output import file_sha256
 
 STAGING = ".staging"
 LATEST = "latest"
@@ -79,14 +80,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(directory: Path) -> dict[str, Path]:
     """Every file under `directory` but the manifest, by its path relative to `directory`."""
     return {path.relative_to(directory).as_posix(): path for path in sorted(directory.rglob("*"))
@@ -95,7 +88,8 @@ def _files(directory: Path) -> dict[str, Path]:
 
 def write_manifest(directory: Path) -> None:
     """Record the size and sha256 of every file in `directory`; written last, it marks the checkpoint complete."""
-    files = {name: {"size": path.stat().st_size, "sha256": _sha256(path)} for name, path in _files(directory).items()}
+    files = {name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
+             for name, path in _files(directory).items()}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
 
 
@@ -115,7 +109,7 @@ def checkpoint_problem(directory: Path) -> str | None:
     if extra := sorted(found.keys() - expected.keys()):
         return f"{extra[0]} is not in its manifest"
     for name, (size, sha256) in sorted(expected.items()):
-        if found[name].stat().st_size != size or _sha256(found[name]) != sha256:
+        if found[name].stat().st_size != size or file_sha256(found[name]) != sha256:
             return f"{name} has changed (its size or sha256 differs from the manifest)"
     return None
 
