@@ -47,8 +47,6 @@ class Trajectory:
 
 MAX_NESTING = 100  # JSON nested deeper is rejected: json.dumps, pickle and repr recurse once per level
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON escapes of surrogates, paired or not
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_A_BRACKET = re.compile(r"[^\[\]{}]+")
 _TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
                dict: "an object", type(None): "null"}
 
@@ -58,15 +56,19 @@ def json_type(value: Any) -> str:
     return _TYPE_NAMES[type(value)]
 
 
-def _nesting(text: str) -> int:
-    """How deep the arrays and objects of valid JSON text nest (counted up to MAX_NESTING + 1): its
-    strings dropped, then the innermost bracket pairs peeled off a level at a time, all in C loops."""
-    brackets = _NOT_A_BRACKET.sub("", _JSON_STRING.sub("", text))
-    depth = 0
-    while brackets and depth <= MAX_NESTING:
-        brackets = brackets.replace("[]", "").replace("{}", "")
-        depth += 1
-    return depth
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether the arrays and objects of a parsed JSON value nest deeper than `limit`: one walk with a
+    stack (no recursion), stopping at the first container past the limit."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -98,7 +100,7 @@ def parse_json(text: str) -> Any:
     except ValueError:  # an integer of more digits than Python converts
         raise Rejection("bad JSON: a number with too many digits") from None
     # brackets inside strings count too: a cheap bound before the exact measure
-    if text.count("[") + text.count("{") > MAX_NESTING and _nesting(text) > MAX_NESTING:
+    if text.count("[") + text.count("{") > MAX_NESTING and _nested_deeper_than(value, MAX_NESTING):
         raise Rejection(f"JSON nested deeper than {MAX_NESTING} levels")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise Rejection("a string holds a lone UTF-16 surrogate")  # no tokenizer takes one

@@ -120,11 +120,12 @@ def _tokenizer_baseline(dataset_dir: Path, tokenizer_dir: str, api: str, batch_s
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
         def encode(texts: list[str]) -> list[list[int]]:
-            return tokenizer(texts, add_special_tokens=False).input_ids
+            return tokenizer(texts, add_special_tokens=False, split_special_tokens=True).input_ids
     else:
         from tokenizers import Tokenizer
 
         rust = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        rust.encode_special_tokens = True  # as comet-prep encodes: special tokens' strings stay text
 
         def encode(texts: list[str]) -> list[list[int]]:
             return [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
