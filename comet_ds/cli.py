@@ -7,9 +7,7 @@ import contextlib
 import json
 import os
 import random
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -43,22 +41,14 @@ Start here:
 
 
 def cmd_init_base(args: argparse.Namespace) -> None:
-    from comet_ds.modeling.tiny_base import check_buildable, init_base
+    from comet_ds.modeling.tiny_base import check_buildable, init_base, pretraining_line
 
     check_buildable(args.arch, pretrain=args.pretrain_steps > 0, hidden_size=args.hidden_size, num_layers=args.layers)
     out = init_base(args.out, args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
                     overwrite=args.overwrite, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"wrote a tiny {args.arch} base model and tokenizer to {out}")
-    _print_pretraining(out)
-
-
-def _print_pretraining(base: Path) -> None:
-    from comet_ds.modeling.tiny_base import PRETRAINING_SUMMARY
-
-    if (base / PRETRAINING_SUMMARY).is_file():
-        summary = json.loads((base / PRETRAINING_SUMMARY).read_text())
-        print(f"    pretrained {summary['steps']} steps ({summary['tokens']:,} tokens): loss "
-              f"{summary['first_loss']:.2f} -> {summary['final_loss']:.2f} in {summary['seconds']:.0f} s")
+    if line := pretraining_line(out):
+        print(line)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -239,9 +229,9 @@ def cmd_eval_passkey(args: argparse.Namespace) -> None:
 def cmd_eval_qa(args: argparse.Namespace) -> None:
     from comet_ds.eval.passkey import comet_continuation
     from comet_ds.eval.qa import check_has_answers, evaluate_qa
+    from comet_ds.eval.report import write_qa_report
     from comet_ds.modeling.tokens import inserted_tokens
     from comet_ds.train.data import check_token_ids, load_training_dataset
-    from comet_ds.train.tracking import Tracker
 
     out = _claim_eval_directory(args)
     data = load_training_dataset(args.data)
@@ -249,14 +239,9 @@ def cmd_eval_qa(args: argparse.Namespace) -> None:
     model, tokenizer = _load_for_inference(args)
     check_token_ids(data, len(tokenizer), inserted_tokens(tokenizer), args.data)  # prompts must be text
     result = evaluate_qa(comet_continuation(model), tokenizer, data, args.max_new_tokens, args.limit)
-    (out / "qa.json").write_text(json.dumps(result, indent=2) + "\n")
-    tracker = Tracker(out, "comet_ds-eval", None, "qa", enabled=True)
-    tracker.log_params({"model": str(args.model), "data": str(args.data)})
-    tracker.log_metrics({"exact_match": result["exact_match"], "f1": result["f1"]}, step=0)
-    tracker.log_artifact(out / "qa.json")
-    tracker.close()
+    paths = write_qa_report(out, result, {"model": str(args.model), "data": str(args.data)})
     print(f"exact match {result['exact_match']:.1%}, token F1 {result['f1']:.1%} over {result['scored']} "
-          f"question(s) ({result['skipped']} row(s) without an answer skipped); {out / 'qa.json'}")
+          f"question(s) ({result['skipped']} row(s) without an answer skipped); {paths['json']}")
 
 
 def _check_bench_arguments(args: argparse.Namespace) -> None:
@@ -297,7 +282,7 @@ def cmd_bench_forward(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_prep(args: argparse.Namespace) -> None:
-    from comet_ds.bench.prep import bench_one, format_row, write_agent_log_jsonl, write_user_behavior_csv
+    from comet_ds.bench.prep import bench_one, format_row, generated_inputs
     from comet_ds.modeling.tiny_base import init_base
 
     _check_bench_arguments(args)
@@ -306,19 +291,7 @@ def cmd_bench_prep(args: argparse.Namespace) -> None:
     tokenizer = args.tokenizer or str(workdir / "tiny-base")
     if args.tokenizer is None and not (Path(tokenizer) / "tokenizer_config.json").exists():
         init_base(tokenizer, num_layers=1, pretrain_steps=0)  # only its tokenizer is used
-    sources = []
-    for megabytes in args.user_behavior_mb:
-        path = workdir / f"user-behavior-{megabytes:g}mb.csv"
-        if not path.exists():
-            print(f"generating {path} ...", flush=True)
-            write_user_behavior_csv(path, megabytes)
-        sources.append(("user-behavior", path))
-    if args.agent_logs_mb:
-        path = workdir / f"agent-logs-{args.agent_logs_mb:g}mb.jsonl"
-        if not path.exists():
-            print(f"generating {path} ...", flush=True)
-            write_agent_log_jsonl(path, args.agent_logs_mb)
-        sources.append(("agent-logs", path))
+    sources = generated_inputs(workdir, args.user_behavior_mb, args.agent_logs_mb)
     print(f"comet-prep, --num-proc {args.num_proc}, tokenizer {tokenizer}")
     rows = []
     for kind, path in sources:
@@ -348,101 +321,10 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    import shutil
+    from comet_ds.demo import run_demo
 
-    import torch
-    import yaml
-
-    from comet_ds.configs import example_run_config
-    from comet_ds.layout import IGNORE_INDEX, ChunkLayout
-    from comet_ds.modeling.pretrained import export_merged, load_comet
-    from comet_ds.modeling.tiny_base import init_base, synthetic_corpus
-    from comet_ds.resources import free_port, peak_rss_mib
-    from data_prep.cli import main as prep
-    from data_prep.fs import claim_directory
-    from data_prep.tokens import TextEncoder
-
-    out = claim_directory(Path(args.out).absolute(), "comet-ds demo", overwrite=args.overwrite)
-    if args.overwrite:  # the earlier demo's training run: a new run refuses to start over its checkpoints
-        shutil.rmtree(out / "train", ignore_errors=True)
-    torch.set_num_threads(args.threads)
-    step = _Steps()
-    with step(f"tiny base model, pretrained {args.pretrain_steps} steps on the built-in corpus (comet-ds init-base)"):
-        base = init_base(out / "base", args.arch, pretrain_steps=args.pretrain_steps, overwrite=args.overwrite)
-        _print_pretraining(base)
-    with step("passkey training data (comet-prep passkey)"):
-        prep(["passkey", "--tokenizer", str(base), "--lengths", str(args.train_tokens), "--depths", "5",
-              "--samples-per-cell", "8", "--output", str(out / "passkey"),
-              *(["--overwrite"] if args.overwrite else [])])
-    # the packaged example run config (the one `comet-ds train --help` shows) with the demo's paths and steps
-    run_config = yaml.safe_load(example_run_config().read_text(encoding="utf-8"))
-    run_config.update(base_model=str(base), dataset=str(out / "passkey"), output_dir=str(out / "train"))
-    run_config["train"].update(steps=args.steps, save_every=args.steps)
-    run_config["tracking"]["experiment"] = "comet_ds-demo"
-    (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-    with step(f"fine-tune CoMeT + LoRA on 2 pipeline stages (deepspeed launcher, {args.steps} steps)"):
-        launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                    str(free_port()), "--no_local_rank", "--module", "comet_ds.cli", "train",
-                    "--config", str(out / "run.yaml")]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if subprocess.run(launcher, env=env, check=False).returncode != 0:
-            raise SystemExit("comet-ds demo: training failed (its output is above)")
-    with step("reload the trained adapter, export it with LoRA merged"):
-        model, tokenizer, _ = load_comet(out / "train" / "adapter")
-        export_merged(out / "train" / "adapter", out / "merged", overwrite=args.overwrite)
-    text = " ".join(synthetic_corpus(num_lines=6000, seed=1))
-    ids = TextEncoder(tokenizer).encode(text)[: args.tokens]
-    layout = ChunkLayout(model.config, model.tokens)
-    with step(f"stream {len(ids):,} tokens through the trained model"), torch.inference_mode():
-        start = time.perf_counter()
-        result = model(layout.iter_chunks([ids]))
-        seconds = time.perf_counter() - start
-        print(f"    loss {result.loss.item():.4f}, {len(ids) / seconds:,.0f} tokens/s, "
-              f"peak RSS {peak_rss_mib():.0f} MiB")
-    with step("generate: continue a held-out passkey prompt with the trained model"):
-        from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
-        from data_prep.passkey import passkey_sample
-
-        sample = passkey_sample(TextEncoder(tokenizer), args.train_tokens * 4, 0.5, random.Random(12345))
-        prompt = [t for t, label in zip(sample.input_ids, sample.labels) if label == IGNORE_INDEX]
-        new = StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=8))
-        print(f"    {len(prompt):,}-token prompt, key {sample.passkey}: generated "
-              f"{tokenizer.decode(new, skip_special_tokens=True)!r}")
-    lengths = [args.train_tokens * 2**k for k in range(6)]
-    with step(f"passkey evaluation from 1x to 32x the training length ({lengths[0]:,} to {lengths[-1]:,} tokens)"):
-        from comet_ds.eval.passkey import comet_continuation, evaluate_passkey
-        from comet_ds.eval.report import write_passkey_report
-
-        results = evaluate_passkey(comet_continuation(model), tokenizer, lengths, [0.0, 0.25, 0.5, 0.75, 1.0], 1,
-                                   seed=0, progress=lambda line: print("  " + line))
-        report = write_passkey_report(out / "eval", results, None, {"lengths": lengths, "model": "demo"})
-    print("\n  length   accuracy   tokens/s   peak MiB")
-    for r in results:
-        print(f"  {r.length:>7,}   {r.accuracy:>7.0%}   {r.tokens_per_s:>8,.0f}   {r.peak_mem_mib:>8,.0f}")
-    print(f"\nheatmap:       {report['heatmap']}")
-    print(f"adapter:       {out / 'train' / 'adapter'}")
-    print(f"merged model:  {out / 'merged'}")
-    print(f"MLflow store:  sqlite:///{out / 'train' / 'mlflow.db'}  (mlflow ui --backend-store-uri ...)")
-
-
-class _Steps:
-    """Numbered progress lines with timings for the demo."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, title: str) -> _Steps:
-        self.count += 1
-        self.title = title
-        return self
-
-    def __enter__(self) -> None:
-        print(f"[{self.count}] {self.title} ...", flush=True)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            print(f"    done in {time.perf_counter() - self.start:.1f} s", flush=True)
+    run_demo(args.out, overwrite=args.overwrite, arch=args.arch, pretrain_steps=args.pretrain_steps,
+             steps=args.steps, train_tokens=args.train_tokens, tokens=args.tokens, threads=args.threads)
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -450,8 +332,9 @@ def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from comet_ds import __version__
+    from comet_ds import __version__, demo
     from comet_ds.configs import example_run_config, packaged_deepspeed_configs
+    from comet_ds.modeling import ARCHITECTURES
 
     parser = argparse.ArgumentParser(prog="comet-ds", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
     _add_overwrite(p, "replace --out if it holds an earlier comet-ds init-base output")
-    p.add_argument("--arch", choices=["llama", "qwen3", "qwen2", "mistral"], default="llama",
+    p.add_argument("--arch", choices=ARCHITECTURES, default="llama",
                    help="decoder family (default: llama)")
     p.add_argument("--layers", type=positive_int, default=4, help="decoder layers (default: 4)")
     p.add_argument("--hidden-size", type=positive_int, default=64, help="hidden size (default: 64)")
@@ -628,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory, new or empty (default: runs/demo)")
     _add_overwrite(p, "start over in --out if an earlier demo wrote it, replacing everything that demo wrote")
-    p.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
+    p.add_argument("--arch", choices=demo.ARCHITECTURES, default="llama")
     p.add_argument("--pretrain-steps", type=non_negative_int, default=400,
                    help="pretraining steps of the tiny base (default: 400)")
     p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")

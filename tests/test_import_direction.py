@@ -1,4 +1,4 @@
-"""Imports run one way: data_prep → layout → modeling → pipeline → train → infer → eval → bench → cli.
+"""Layers, lowest first: data_prep → layout → modeling → pipeline → train → infer → eval → bench → demo → cli.
 
 comet_ds trains on what data_prep writes, so comet_ds may import data_prep and data_prep never imports
 comet_ds; inside comet_ds a module imports its own layer and the layers below it, never one above,
@@ -24,6 +24,7 @@ LAYERS = [
     {"comet_ds.infer"},
     {"comet_ds.eval"},
     {"comet_ds.bench"},
+    {"comet_ds.demo"},
     {"comet_ds.cli", "comet_ds.__main__"},
 ]
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,25 @@ def write_agent_log_jsonl(path: Path, megabytes: float, seed: int = 0) -> int:
             written += len(line)
             count += 1
     return count
+
+
+def generated_inputs(workdir: Path, user_behavior_mb: list[float], agent_logs_mb: float) -> list[tuple[str, Path]]:
+    """(comet-prep command, input file) for each benchmark input in `workdir`: a user-behaviour CSV per size
+    and, unless `agent_logs_mb` is 0, an agent-log JSONL."""
+    inputs = [("user-behavior", _generated(workdir / f"user-behavior-{mb:g}mb.csv", write_user_behavior_csv, mb))
+              for mb in user_behavior_mb]
+    if agent_logs_mb:
+        path = workdir / f"agent-logs-{agent_logs_mb:g}mb.jsonl"
+        inputs.append(("agent-logs", _generated(path, write_agent_log_jsonl, agent_logs_mb)))
+    return inputs
+
+
+def _generated(path: Path, write: Callable[[Path, float], int], megabytes: float) -> Path:
+    """`path`, written unless an earlier run left it: generating hundreds of MB takes a while."""
+    if not path.exists():
+        print(f"generating {path} ...", flush=True)
+        write(path, megabytes)
+    return path
 
 
 def run_prep(args: list[str]) -> dict[str, float]:

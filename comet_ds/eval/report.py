@@ -87,3 +87,16 @@ def write_passkey_report(out: Path, comet: list[LengthResult], baseline: list[Le
         tracker.log_artifact(path)
     tracker.close()
     return {**{name: str(path) for name, path in paths.items()}, "mlflow": tracker.tracking_uri}
+
+
+def write_qa_report(out: Path, result: dict, params: dict, experiment: str = "comet_ds-eval") -> dict[str, str]:
+    """qa.json (scores and every scored row) and an MLflow run with the two scores."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "qa.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    tracker = Tracker(out, experiment, None, "qa", enabled=True)
+    tracker.log_params(params)
+    tracker.log_metrics({"exact_match": result["exact_match"], "f1": result["f1"]}, step=0)
+    tracker.log_artifact(path)
+    tracker.close()
+    return {"json": str(path), "mlflow": tracker.tracking_uri}

@@ -19,25 +19,17 @@ import sentencepiece as spm
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
     LlamaTokenizer,
-    MistralConfig,
-    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
 )
 
+from comet_ds.modeling import ARCHITECTURES
 from comet_ds.schedule import warmup_cosine
 from data_prep.fs import output_directory
-
-ARCHITECTURES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-                 "qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a bird", "the teacher", "our team",
              "the farmer", "a child", "the river", "the city", "the garden", "a small boat", "the library"]
@@ -90,17 +82,16 @@ def tiny_model(arch: str, vocab_size: int, *, hidden_size: int = 64, num_layers:
                seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    config_class, model_class = ARCHITECTURES[arch]
     special = {} if tokenizer is None else {
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id}
-    config = config_class(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+    config = AutoConfig.for_model(
+        arch, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=arch == "qwen3", **special)
     torch.manual_seed(seed)
-    return model_class(config).float()
+    return AutoModelForCausalLM.from_config(config).float()
 
 
 def check_buildable(arch: str, *, pretrain: bool, hidden_size: int = 64, num_layers: int = 4,
@@ -155,6 +146,16 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
 
 
 PRETRAINING_SUMMARY = "pretraining.json"
+
+
+def pretraining_line(base: Path) -> str | None:
+    """One line on how the tiny base in `base` was pretrained; None when it was left at random weights."""
+    path = base / PRETRAINING_SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return (f"    pretrained {summary['steps']} steps ({summary['tokens']:,} tokens): loss "
+            f"{summary['first_loss']:.2f} -> {summary['final_loss']:.2f} in {summary['seconds']:.0f} s")
 
 
 def init_base(out: str | Path, arch: str = "llama", *, seed: int = 0, pretrain_steps: int = 0,

@@ -19,6 +19,7 @@ from comet_ds.modeling.layer import ChunkContext, CometLayer
 from comet_ds.modeling.memory import MemoryState, detach_state
 from comet_ds.modeling.model import CometForCausalLM, labelled_loss_sum, not_predicted_mask
 from comet_ds.modeling.tokens import CometEmbedding, replace_inserted_rows
+from comet_ds.pipeline import PARTITION_METHODS
 
 StageActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -181,9 +182,6 @@ class CometPipelineModule(PipelineModule):
         for module in self.modules():
             if isinstance(module, CometLayerPipe):
                 module.reset_memory()
-
-
-PARTITION_METHODS = {"layers": "type:CometLayerPipe", "parameters": "parameters", "uniform": "uniform"}
 
 
 def build_pipeline_module(model: CometForCausalLM, num_stages: int, *, partition: str = "layers",

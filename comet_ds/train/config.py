@@ -19,6 +19,7 @@ import yaml
 from comet_ds.config import CometConfig, CometConfigError, _known_fields
 from comet_ds.configs import names_packaged_config, packaged_deepspeed_config, packaged_deepspeed_configs
 from comet_ds.modeling.finetune import FinetuneSettings
+from comet_ds.pipeline import PARTITION_METHODS
 
 if TYPE_CHECKING:  # importlib.resources.abc is new in Python 3.11
     from importlib.resources.abc import Traversable
@@ -70,12 +71,13 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    partition: str = "layers"  # layers | parameters | uniform
+    partition: str = "layers"  # a name in PARTITION_METHODS
     bptt_window: int | None = None  # chunks per backprop window; None = the whole sequence
 
     def __post_init__(self) -> None:
-        if self.partition not in ("layers", "parameters", "uniform"):
-            raise CometConfigError(f"pipeline.partition must be layers, parameters or uniform (got {self.partition!r})")
+        if self.partition not in PARTITION_METHODS:
+            *names, last = PARTITION_METHODS
+            raise CometConfigError(f"pipeline.partition must be {', '.join(names)} or {last} (got {self.partition!r})")
         if self.bptt_window is not None and self.bptt_window < 1:
             raise CometConfigError(f"pipeline.bptt_window must be >= 1 or null (got {self.bptt_window})")
 
