@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,7 @@ class CheckpointMismatchError(CometInputError):
 
 @dataclass(frozen=True)
 class CometConfig:
-    """Shape of the memory system. Defaults follow the paper's 32k recipe.
+    """Shape of the memory system. Defaults are CoMeT's settings for training at 32k tokens.
 
     chunk_size: text tokens per chunk (C); attention never crosses a chunk.
     global_slots: global memory slots per layer (G), each fed by one global beacon.
@@ -141,45 +144,59 @@ class CometTokens:
 def _known_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
     """`values` checked against the fields of `cls`: unknown names and values of the wrong type are
     errors that name the setting."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = _field_types(cls)
     checked = {}
     for key, value in values.items():
-        if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(fields)}"
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; known: {', '.join(known)}"
             raise CometConfigError(f"unknown {section} setting {key!r}{suggestion}")
-        checked[key] = _typed(f"{section}.{key}", str(fields[key].type), value)
+        checked[key] = _typed(f"{section}.{key}", known[key], value)
     return checked
 
 
-_SCALARS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string"}
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation as a type, whether or not the module postpones annotations to strings."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _typed(name: str, annotation: str, value: Any) -> Any:
-    """`value` as the scalar type `annotation` names ("float", "int | None", ...); other annotations
+_SCALARS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _scalar_kinds(annotation: Any) -> tuple[type, ...] | None:
+    """The types a scalar annotation allows (int, str | None, Optional[float]: type(None) for null), or
+    None for any other annotation."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = typing.get_args(annotation) if union else (annotation,)
+    return kinds if all(kind in _SCALARS or kind is type(None) for kind in kinds) else None
+
+
+def _typed(name: str, annotation: Any, value: Any) -> Any:
+    """`value` as the scalar type `annotation` allows (float, int | None, ...); other annotations
     (sections, tuples) pass through for their own checks."""
-    kinds = {kind.strip() for kind in annotation.split("|")}
-    if not kinds <= set(_SCALARS) | {"None"}:
+    kinds = _scalar_kinds(annotation)
+    if kinds is None:
         return value
-    if value is None and "None" in kinds:
+    if value is None and type(None) in kinds:
         return value
-    if "float" in kinds and isinstance(value, str):
+    if float in kinds and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(value)
         except ValueError:
             pass
-    if "str" in kinds and isinstance(value, int) and not isinstance(value, bool):
+    if str in kinds and isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # run_name: 2024
     if isinstance(value, bool):
-        ok = "bool" in kinds
+        ok = bool in kinds
     elif isinstance(value, int):
-        ok = bool(kinds & {"int", "float"})
+        ok = int in kinds or float in kinds
     elif isinstance(value, float):
-        ok = "float" in kinds
+        ok = float in kinds
     else:
-        ok = isinstance(value, str) and "str" in kinds
+        ok = isinstance(value, str) and str in kinds
     if not ok:
-        expected = " or ".join(_SCALARS.get(kind, "null") for kind in sorted(kinds, key=lambda k: k == "None"))
+        expected = " or ".join(_SCALARS.get(kind, "null") for kind in sorted(kinds, key=lambda k: k is type(None)))
         raise CometConfigError(f"{name} must be {expected} (got {value!r})")
     return value
-

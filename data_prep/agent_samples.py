@@ -7,8 +7,8 @@ import json
 from collections import Counter
 
 from data_prep.agent_logs import Step, ToolCall, Trajectory
-from data_prep.qa import IGNORE_INDEX, Question, QuestionPools, pools_by_kind
-from data_prep.tokens import TextEncoder
+from data_prep.qa import Question, QuestionPools, pools_by_kind
+from data_prep.tokens import IGNORE_INDEX, TextEncoder
 
 
 def ordinal(n: int) -> str:

@@ -136,10 +136,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield scratch
-        for path in scratch.rglob("*"):  # make the contents durable before the swap
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        fsync_tree(scratch)
         retired = None
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -150,6 +147,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under `root` to disk: call it before the rename that publishes `root`, or a crash
+    soon after may leave the new name pointing at files whose contents never reached the disk."""
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

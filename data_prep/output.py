@@ -15,7 +15,7 @@ from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
 from data_prep.fs import output_directory
-from data_prep.qa import IGNORE_INDEX
+from data_prep.tokens import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
 SHARD = "data-00000-of-00001.arrow"

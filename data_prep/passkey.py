@@ -12,8 +12,7 @@ import random
 from dataclasses import dataclass
 from itertools import cycle, islice
 
-from data_prep.qa import IGNORE_INDEX
-from data_prep.tokens import Encoder
+from data_prep.tokens import IGNORE_INDEX, Encoder
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")

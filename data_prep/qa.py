@@ -10,9 +10,8 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 
-from data_prep.tokens import TextEncoder, int32_array
+from data_prep.tokens import IGNORE_INDEX, TextEncoder, int32_array
 
-IGNORE_INDEX = -100
 T = TypeVar("T")
 
 

@@ -25,6 +25,9 @@ import numpy as np
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+# the label of a token that is not a training target (the value cross-entropy's ignore_index skips)
+IGNORE_INDEX = -100
+
 
 def int32_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as an int32 array (an int32 array comes back as it is). struct packs a list of Python

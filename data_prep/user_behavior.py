@@ -9,9 +9,7 @@ is then sorted by user and time and rendered with Arrow's compute kernels.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import ctypes
 import functools
 import io
 import re
@@ -29,6 +27,7 @@ import pyarrow.compute as pc
 from pyarrow import csv as pa_csv
 
 from data_prep.agent_logs import Rejection, json_type, read_jsonl
+from data_prep.memory import release_free_memory
 from data_prep.qa import LazyPool, Question, QuestionPools
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
@@ -289,17 +288,6 @@ def check_columns(path: Path, mapping: dict[str, str]) -> None:
                          f"{', '.join(map(repr, missing))} ({where}: {shown[:300]})")
 
 
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the system (glibc's malloc_trim) between buckets.
-
-    The threads that tokenise get malloc arenas of their own, and memory freed into them is kept:
-    without this, peak RSS grew with the number of buckets (680 MiB for a 200 MB log, 417 MiB for
-    50 MB).
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 class UserBuckets:
     """Spills event batches into Arrow stream files by user so that grouping needs one bucket in memory."""
 
@@ -336,7 +324,7 @@ class UserBuckets:
             if table.num_rows:
                 yield from _bucket_histories(table.combine_chunks(), keep)
             del table
-            _release_free_memory()
+            release_free_memory()  # else the tokenising threads' arenas keep each bucket's pages: RSS grows by bucket
 
 
 def _ranks(strings: pa.Array) -> np.ndarray:

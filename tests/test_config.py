@@ -1,9 +1,11 @@
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from comet_ds.config import CometConfig, CometConfigError, CometTokens
+from comet_ds.config import CometConfig, CometConfigError, CometTokens, _known_fields
 
 
 @pytest.mark.parametrize(
@@ -74,3 +76,39 @@ def test_run_config_values_are_typed_and_wrong_types_name_the_setting():
                               ("comet.chunk_size=[1]", "comet.chunk_size must be a whole number")]:
         with pytest.raises(CometConfigError, match=re.escape(message)):
             load_run_config(stage, [override])
+
+
+# this module does not postpone annotations (no `from __future__ import annotations`), so these field
+# types are classes, not the strings "int", "float | None", ...
+@dataclass(frozen=True)
+class PlainSettings:
+    count: int = 1
+    rate: float = 0.5
+    label: Optional[str] = None  # noqa: UP045  (the typing spelling of `str | None` is checked too)
+    limit: int | None = None
+    flag: bool = False
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"count": "many"}, "plain.count must be a whole number (got 'many')"),
+        ({"count": True}, "plain.count must be a whole number (got True)"),  # bool is no integer here
+        ({"count": 1.5}, "plain.count must be a whole number (got 1.5)"),
+        ({"rate": "fast"}, "plain.rate must be a number (got 'fast')"),
+        ({"label": [1]}, "plain.label must be a string or null (got [1])"),
+        ({"limit": "all"}, "plain.limit must be a whole number or null (got 'all')"),
+        ({"flag": 3}, "plain.flag must be true or false (got 3)"),
+    ],
+)
+def test_types_are_checked_when_annotations_are_not_strings(values, message):
+    assert PlainSettings.__dataclass_fields__["count"].type is int
+    with pytest.raises(CometConfigError, match=re.escape(message)):
+        _known_fields(PlainSettings, values, "plain")
+
+
+def test_scalars_from_yaml_become_the_field_type():
+    values = {"count": 2, "rate": "1e-3", "label": 2024, "limit": None, "flag": True}
+    assert _known_fields(PlainSettings, values, "plain") == {"count": 2, "rate": 0.001, "label": "2024",
+                                                              "limit": None, "flag": True}
+    assert _known_fields(PlainSettings, {"rate": 3}, "plain") == {"rate": 3}  # a whole number is a number

@@ -1,0 +1,6 @@
+"""Benchmarks: the streaming forward, pipeline training and data preparation."""
+
+from comet_ds.config import CometConfig
+
+# the CoMeT shape both model benchmarks (forward, pipeline) run, so that their figures describe one model
+BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)

@@ -16,11 +16,10 @@ import time
 
 import torch
 
+from comet_ds.bench import BENCH_CONFIG
 from comet_ds.config import CometConfig
 from comet_ds.resources import peak_rss_mib, reset_peak_memory, rss_mib
 from data_prep.argtypes import token_count
-
-BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)
 
 
 def run_one(base: str, length: int, config: CometConfig, seed: int = 0) -> dict[str, float]:

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import torch
 
-from comet_ds.config import CometConfig
+from comet_ds.bench import BENCH_CONFIG
 from comet_ds.resources import free_port
-
-BENCH_CONFIG = CometConfig(chunk_size=512, global_slots=16, temp_stride=8, temp_budget=256)
 
 
 def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | None, warmup: bool) -> dict:

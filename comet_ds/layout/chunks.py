@@ -15,8 +15,8 @@ integer tensor.
 
 The temporary queue is chronological and may interleave real entries with fillers (from chunks
 shorter than C). Slot j is masked exactly when queue entry j is a filler, so a filler can never
-land in an attended slot (the reference layout put real slots first and filler slots last, which
-misaligns the two whenever fillers sit between real entries).
+land in an attended slot (putting real slots first and filler slots last instead would misalign
+the two whenever fillers sit between real entries).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from enum import IntEnum
 import torch
 
 from comet_ds.config import CometConfig, CometConfigError, CometInputError, CometTokens
-
-IGNORE_INDEX = -100
+from data_prep.tokens import IGNORE_INDEX
 
 
 class Role(IntEnum):
@@ -168,7 +167,7 @@ class ChunkLayout:
     ) -> Iterator[Chunk]:
         """Yield the chunks of a batch of sequences one at a time (constant memory).
 
-        labels are aligned with input_ids (HF convention, -100 = not trained) and are shifted
+        labels are aligned with input_ids (HF convention, IGNORE_INDEX = not trained) and are shifted
         here on the text alone, so every inserted token is ignored. Default: labels = input_ids.
         text_chunk_sizes: per sequence, the text tokens of each chunk (each 1..chunk_size);
         default: full chunks and one remainder. Shorter sequences are padded with empty chunks.

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import deepspeed.comm as dist
@@ -17,26 +16,19 @@ from comet_ds.layout import Chunk
 from comet_ds.pipeline.schedule import ChunkSchedule
 from comet_ds.pipeline.stages import CometPipelineModule
 from comet_ds.resources import peak_memory_mib, reset_peak_memory
+from data_prep import memory
 
 
 def skip_shm_build() -> None:
-    """Skip DeepSpeed's ~50 s JIT build of its shared-memory op on CPU machines (gloo does the work)."""
+    """Skip DeepSpeed's slow JIT build of its shared-memory op on CPU machines (gloo does the work)."""
     import deepspeed.comm.torch  # noqa: F401  (the submodule; `deepspeed.comm.torch` the name is torch)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def _libc_trim() -> Callable[[], None]:
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# glibc keeps freed heap pages between the long-lived tensors of a long sequence, so a process's
-# resident memory creeps up chunk after chunk; returning them after every BPTT window keeps it flat.
-release_free_memory = _libc_trim() if not torch.cuda.is_available() else (lambda: None)
+# on CPU a long sequence frees its activations window after window between long-lived tensors, so
+# returning the pages after every BPTT window keeps resident memory flat; on a GPU they are device memory
+release_free_memory = memory.release_free_memory if not torch.cuda.is_available() else (lambda: None)
 
 
 class CometPipelineEngine(PipelineEngine):

@@ -1,15 +1,18 @@
 """The CoMeT model as a DeepSpeed PipelineModule: one pipeline layer per decoder layer.
 
-Pipeline layers: token embedding, inserted-token rows, one layer per decoder layer, final norm,
-loss. Activations crossing stages: (hidden [B, L, H] float, roles [B, L] long, labels [B, L] long).
-Roles rebuild the chunk's masks, positions and memory indices on every stage; labels ride along
-to the head. Each layer keeps its own memory state between chunks: the memory a chunk receives
-is a detached leaf, and a `MemoryBridge` on the layer output hands the gradient that the next
-chunk left on that leaf back into this chunk's graph, so reverse-order backwards give exactly
-the gradients of full backpropagation through time.
+Pipeline layers (`pipeline_layer_order`): token embedding, inserted-token rows, one layer per
+decoder layer, final norm, loss. Activations crossing stages: (hidden [B, L, H] float, roles [B, L]
+long, labels [B, L] long). Roles rebuild the chunk's masks, positions and memory indices on every
+stage; labels ride along to the head. Each layer keeps its own memory state between chunks: the
+memory a chunk receives is a detached leaf, and a `MemoryBridge` on the layer output hands the
+gradient that the next chunk left on that leaf back into this chunk's graph, so reverse-order
+backwards give exactly the gradients of full backpropagation through time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -176,6 +179,16 @@ def scaled_loss(chunk_loss_sum: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return chunk_loss_sum * scale
 
 
+T = TypeVar("T")
+
+
+def pipeline_layer_order(embedding: T, inserted_rows: T, decoder_layers: Sequence[T], final_norm: T,
+                         loss: T) -> list[T]:
+    """The pipeline's layers in order, whatever stands for each: the modules the stages run, or the names and
+    weights with which `comet-ds train --dry-run` previews how DeepSpeed splits them into stages."""
+    return [embedding, inserted_rows, *decoder_layers, final_norm, loss]
+
+
 class CometPipelineModule(PipelineModule):
     def reset_memory(self) -> None:
         """Start a new batch of sequences on every layer of this stage."""
@@ -203,7 +216,8 @@ def build_pipeline_module(model: CometForCausalLM, num_stages: int, *, partition
                              tied_weight_attr=["embed_tokens.weight"])
     else:
         first, loss = TokenEmbeddingPipe(embed_tokens, inserted), LMHeadLossPipe(lm_head, inserted)
-    layers = [first, InsertedRowsPipe(model.embedding), *layers, FinalNormPipe(model.head.norm), loss]
+    layers = pipeline_layer_order(first, InsertedRowsPipe(model.embedding), layers, FinalNormPipe(model.head.norm),
+                                  loss)
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
     return CometPipelineModule(layers=layers, loss_fn=scaled_loss,
                                partition_method=PARTITION_METHODS[partition], **kwargs)

@@ -31,6 +31,7 @@ from comet_ds.config import CometInputError
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.pretrained import write_comet
+from data_prep.fs import fsync_tree
 from data_prep.output import file_sha256
 
 STAGING = ".staging"
@@ -193,10 +194,7 @@ def save_checkpoint(engine: Any, model: CometForCausalLM, tokenizer: Any, root: 
         _assemble_adapter(model, tokenizer, staging, settings, base_model)
         (staging / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
         write_manifest(staging)  # last: a checkpoint with a manifest is complete
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         pointer = root / f".{LATEST}.tmp"

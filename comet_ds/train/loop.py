@@ -11,10 +11,10 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import as_file
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,8 +22,12 @@ from comet_ds.config import CometConfigError
 from comet_ds.layout import ChunkLayout
 from comet_ds.train.config import RunConfig
 from comet_ds.train.data import check_has_targets, load_training_dataset
-from comet_ds.train.tracking import redact
+from comet_ds.train.tracking import Tracker, redact
 from data_prep.fs import check_output, output_directory
+
+if TYPE_CHECKING:
+    from comet_ds.modeling.model import CometForCausalLM
+    from comet_ds.pipeline.engine import CometPipelineEngine
 
 
 @dataclass(frozen=True)
@@ -41,22 +45,56 @@ class Preflight:
 def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
     """Every check that needs no process group: the checkpoint to resume from (resume: "latest" or "auto"),
     dataset (its tokenizer and every id), base model, stages, chunk length."""
+    stages = run.pipeline_stages()
+    resume_tag, skipped = _resume_point(run, resume)
+    hf_config, skeleton = _check_model_and_data(run)
+    num_layers = hf_config.num_hidden_layers
+    if stages > num_layers:
+        raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
+    total = sum(p.numel() for p in skeleton.parameters())
+    h, c = hf_config.hidden_size, run.comet
+    # per layer: global net (norm, 2H gate, rank-r adapter) + temporary net (norm, rank-r adapter)
+    memory_params = num_layers * (3 * h + 2 * h * c.bottleneck_rank + (h + 2 * h * c.bottleneck_rank
+                                                                        if c.temp_enabled else 0))
+    if run.finetune.method == "lora":
+        r = run.finetune.lora_rank
+        per_layer = sum(r * (m.in_features + m.out_features) for name, m in skeleton.model.layers[0].named_modules()
+                        if name.rsplit(".", 1)[-1] in run.finetune.lora_targets and hasattr(m, "in_features"))
+        trainable = num_layers * per_layer + memory_params
+    else:
+        per_layer = sum(p.numel() for p in skeleton.model.layers[0].parameters())
+        trainable = total + memory_params
+    partition = _stage_partition(run.pipeline.partition, stages, num_layers,
+                                 per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
+    estimate = _memory_estimate(run, skeleton, partition, trainable, stages)
+    return Preflight(stages, num_layers, partition, trainable, total, estimate, resume_tag, tuple(skipped))
+
+
+def _resume_point(run: RunConfig, resume: str | None) -> tuple[str | None, list[str]]:
+    """The verified checkpoint to resume from (None: a fresh start) and the newer ones passed over; a fresh
+    run refuses an output_dir with checkpoints, and any run one whose adapter it did not write."""
+    from comet_ds.train.checkpoint import choose_resume_checkpoint
+
+    checkpoints = Path(run.output_dir) / "checkpoints"
+    if not resume and (checkpoints / "latest").exists():
+        raise CometConfigError(f"{run.output_dir} holds checkpoints of an earlier run: pass --resume to continue "
+                               "it, or choose another output_dir")
+    resume_tag, skipped = (None, []) if resume is None else choose_resume_checkpoint(checkpoints, resume)
+    # the run ends by replacing output_dir/adapter: refuse now, not after training, if that is not its own
+    check_output(Path(run.output_dir) / "adapter", "comet-ds train", overwrite=True)
+    return resume_tag, skipped
+
+
+def _check_model_and_data(run: RunConfig) -> tuple[Any, torch.nn.Module]:
+    """The base model's config and a weightless skeleton of it, once the dataset, the base model, init_from
+    and the tokenizer the run will use are checked against one another."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from comet_ds.modeling.backbone import check_fits, decoder_parts
     from comet_ds.modeling.pretrained import check_continuable
     from comet_ds.modeling.tokens import extend_tokenizer, inserted_tokens
-    from comet_ds.train.checkpoint import choose_resume_checkpoint
     from comet_ds.train.data import check_dataset_tokenizer, check_token_ids
 
-    stages = run.pipeline_stages()
-    if not resume and (Path(run.output_dir) / "checkpoints" / "latest").exists():
-        raise CometConfigError(f"{run.output_dir} holds checkpoints of an earlier run: pass --resume to continue "
-                               "it, or choose another output_dir")
-    resume_tag, skipped = (None, []) if resume is None else \
-        choose_resume_checkpoint(Path(run.output_dir) / "checkpoints", resume)
-    # the run ends by replacing output_dir/adapter: refuse now, not after training, if that is not its own
-    check_output(Path(run.output_dir) / "adapter", "comet-ds train", overwrite=True)
     dataset = load_training_dataset(run.dataset)
     check_has_targets(dataset, run.dataset, run.train.max_tokens)
     if not (Path(run.base_model) / "config.json").is_file():
@@ -73,28 +111,18 @@ def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
     tokenizer = AutoTokenizer.from_pretrained(run.init_from or run.base_model)  # the tokenizer train() uses
     extend_tokenizer(tokenizer, run.comet)
     check_token_ids(dataset, len(tokenizer), inserted_tokens(tokenizer), run.dataset)
-    num_layers = hf_config.num_hidden_layers
-    if stages > num_layers:
-        raise CometConfigError(f"{stages} pipeline stages for {num_layers} decoder layers: use at most {num_layers}")
+    return hf_config, skeleton
+
+
+def _memory_estimate(run: RunConfig, skeleton: torch.nn.Module, partition: list[list[str]], trainable: int,
+                     stages: int) -> dict[str, float | int | str]:
+    """Rough fp32 memory of the busiest stage: weights, optimizer state, and the activations of one chunk."""
+    num_layers = len(skeleton.model.layers)
     total = sum(p.numel() for p in skeleton.parameters())
     layer_params = sum(p.numel() for p in skeleton.model.layers[0].parameters())
-    h, c = hf_config.hidden_size, run.comet
-    # per layer: global net (norm, 2H gate, rank-r adapter) + temporary net (norm, rank-r adapter)
-    memory_params = num_layers * (3 * h + 2 * h * c.bottleneck_rank + (h + 2 * h * c.bottleneck_rank
-                                                                        if c.temp_enabled else 0))
-    if run.finetune.method == "lora":
-        r = run.finetune.lora_rank
-        per_layer = sum(r * (m.in_features + m.out_features) for name, m in skeleton.model.layers[0].named_modules()
-                        if name.rsplit(".", 1)[-1] in run.finetune.lora_targets and hasattr(m, "in_features"))
-        trainable = num_layers * per_layer + memory_params
-    else:
-        per_layer = layer_params
-        trainable = total + memory_params
-    partition = _stage_partition(run.pipeline.partition, stages, num_layers,
-                                 per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
     bytes_per = 4
-    window = run.pipeline.bptt_window or 1
-    per_chunk_activations = run.train.sequences_per_step * c.chunk_length * h * bytes_per * 12  # ~12 saved tensors
+    per_chunk_activations = (run.train.sequences_per_step * run.comet.chunk_length * skeleton.config.hidden_size
+                             * bytes_per * 12)  # ~12 saved tensors
     layers_per_stage = max(sum(name.startswith("layer ") for name in names) for names in partition)
     estimate = {
         "weights_per_stage_mib":
@@ -103,8 +131,8 @@ def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
         "activations_per_chunk_per_stage_mib": per_chunk_activations * layers_per_stage / 2**20,
     }
     estimate = {k: round(v, 1) for k, v in estimate.items()}
-    estimate["activations_kept_chunks"] = window if run.pipeline.bptt_window else "all"
-    return Preflight(stages, num_layers, partition, trainable, total, estimate, resume_tag, tuple(skipped))
+    estimate["activations_kept_chunks"] = run.pipeline.bptt_window or "all"
+    return estimate
 
 
 def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: int,
@@ -113,12 +141,16 @@ def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: in
     trainable parameters for "parameters", decoder layers for "layers")."""
     from deepspeed.runtime import utils as ds_utils
 
-    names = ["token embedding", "inserted rows", *(f"layer {i}" for i in range(num_layers)), "final norm", "loss"]
+    from comet_ds.pipeline.stages import pipeline_layer_order
+
+    names = pipeline_layer_order("token embedding", "inserted rows", [f"layer {i}" for i in range(num_layers)],
+                                 "final norm", "loss")
     if method == "uniform":
         parts = ds_utils.partition_uniform(num_items=len(names), num_parts=stages)
     else:
-        weights = [0, inserted_rows_weight if method == "parameters" else 0,
-                   *([layer_weight if method == "parameters" else 1] * num_layers), 0, 0]
+        by_parameters = method == "parameters"
+        weights = pipeline_layer_order(0, inserted_rows_weight if by_parameters else 0,
+                                       [layer_weight if by_parameters else 1] * num_layers, 0, 0)
         parts = ds_utils.partition_balanced(weights=weights, num_parts=stages)
     return [names[parts[s]:parts[s + 1]] for s in range(stages)]
 
@@ -141,38 +173,78 @@ def describe(run: RunConfig, check: Preflight) -> str:
 
 
 def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
-    import deepspeed
-    import deepspeed.comm as dist
-    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-    from tqdm import tqdm
-
-    from comet_ds.modeling.pretrained import build_comet, load_comet
-    from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
-    from comet_ds.pipeline.stages import build_pipeline_module
-    from comet_ds.train.checkpoint import (
-        NonFiniteError,
-        finite_on_every_rank,
-        restore_checkpoint,
-        same_on_every_rank,
-        save_checkpoint,
-    )
-    from comet_ds.train.data import StepSampler
-    from comet_ds.train.optim import build_optimizer
-    from comet_ds.train.tracking import Tracker
-
+    """Train `run` from its start or from the checkpoint `resume` picks, and publish output_dir/adapter."""
     check = preflight(run, resume)
     require_launcher()  # what only a real run needs, checked before the process group forms
     run.check_precision()
-    output = Path(run.output_dir)
-    checkpoints = output / "checkpoints"
+    state = _set_up(run, check, resume)
+    _train_steps(state)
+    return _finish(state)
+
+
+@dataclass
+class RunState:
+    """What setup hands to the steps and the finish: the run's process, model and engine, the step it starts
+    from, and what its steps have seen so far."""
+
+    run: RunConfig
+    rank: int
+    replicas: int
+    model: CometForCausalLM  # whole on every process; the engine trains this stage's layers of it
+    tokenizer: Any
+    engine: CometPipelineEngine
+    scheduler: Any
+    tracker: Tracker
+    layout_signature: dict[str, Any]  # what a resume must match: stages, replicas, CoMeT and fine-tune settings
+    start: int
+    losses: list[float] = field(default_factory=list)
+    nonfinite: int = 0  # consecutive steps with a non-finite loss or gradient norm
+
+    @property
+    def checkpoints(self) -> Path:
+        return Path(self.run.output_dir) / "checkpoints"
+
+
+def _set_up(run: RunConfig, check: Preflight, resume: str | None) -> RunState:
+    """Process group, model and engine; then the checkpoint to resume from, and tracking."""
+    rank, replicas = _join_process_group(check.stages)
+    model, tokenizer, engine, scheduler = _build_engine(run, check.stages, replicas)
+    signature = {"stages": check.stages, "replicas": replicas, "comet": run.comet.to_dict(),
+                 "finetune": run.finetune.to_dict()}
+    saved = _restore(run, check, engine, rank, resume, signature)
+    start = 0 if saved is None else saved["step"]
+    tracker = _start_tracking(run, rank, saved, start)
+    return RunState(run, rank, replicas, model, tokenizer, engine, scheduler, tracker, signature, start)
+
+
+def _join_process_group(stages: int) -> tuple[int, int]:
+    """This process's rank, and the data-parallel replicas of the pipeline the world splits into."""
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from comet_ds.pipeline.engine import skip_shm_build
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         skip_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world % check.stages:
-        raise CometConfigError(f"{world} processes cannot be split into {check.stages} pipeline stages")
-    replicas = world // check.stages
+    if world % stages:
+        raise CometConfigError(f"{world} processes cannot be split into {stages} pipeline stages")
+    return rank, world // stages
+
+
+def _build_engine(run: RunConfig, stages: int,
+                  replicas: int) -> tuple[CometForCausalLM, Any, CometPipelineEngine, Any]:
+    """The CoMeT model (fresh, or from init_from) as pipeline stages in a DeepSpeed engine: model, tokenizer,
+    engine, LR scheduler."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    from comet_ds.modeling.pretrained import build_comet, load_comet
+    from comet_ds.pipeline.engine import CometPipelineEngine
+    from comet_ds.pipeline.stages import build_pipeline_module
+    from comet_ds.train.optim import build_optimizer
 
     torch.manual_seed(run.train.seed)
     if run.init_from:
@@ -181,88 +253,145 @@ def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
         model, tokenizer = build_comet(run.base_model, run.comet, run.finetune)
     for layer in model.layers:
         layer.activation_checkpointing = run.train.activation_checkpointing
-    topology = PipeDataParallelTopology(num_pp=check.stages, num_dp=replicas)
-    module = build_pipeline_module(model, check.stages, partition=run.pipeline.partition,
+    topology = PipeDataParallelTopology(num_pp=stages, num_dp=replicas)
+    module = build_pipeline_module(model, stages, partition=run.pipeline.partition,
                                    bptt_window=run.pipeline.bptt_window, topology=topology)
     optimizer, scheduler = build_optimizer(
         module, {id(p) for p in model.memory_parameters()}, run.train.lr, run.train.weight_decay,
         run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=run.deepspeed_dict())
-    engine = CometPipelineEngine.adopt(engine, run.pipeline.bptt_window)
-    replica = engine.grid.get_data_parallel_id()
+    return model, tokenizer, CometPipelineEngine.adopt(engine, run.pipeline.bptt_window), scheduler
 
-    layout_signature = {"stages": check.stages, "replicas": replicas, "comet": run.comet.to_dict(),
-                        "finetune": run.finetune.to_dict()}
+
+def _restore(run: RunConfig, check: Preflight, engine: CometPipelineEngine, rank: int, resume: str | None,
+             signature: dict[str, Any]) -> dict[str, Any] | None:
+    """The trainer state of the checkpoint preflight chose, restored into the engine (None: a fresh start);
+    every process must have chosen the same one, and it must have been written with this run's layout."""
+    from comet_ds.train.checkpoint import restore_checkpoint, same_on_every_rank
+
+    checkpoints = Path(run.output_dir) / "checkpoints"
     if not same_on_every_rank(check.resume_tag, engine.device):
         raise CometConfigError(f"the processes chose different checkpoints to resume from (this one: "
                                f"{check.resume_tag}): every node must see the same {checkpoints}")
     if rank == 0:
         for line in check.skipped_checkpoints:
             print(line, flush=True)
-    state = restore_checkpoint(engine, checkpoints, check.resume_tag) if check.resume_tag else None
-    if resume and state is None and rank == 0:
+    saved = restore_checkpoint(engine, checkpoints, check.resume_tag) if check.resume_tag else None
+    if resume and saved is None and rank == 0:
         print(f"no checkpoint in {checkpoints}: starting from step 0", flush=True)
-    if state is not None:
-        found = {k: state.get(k) for k in layout_signature}
-        if found != json.loads(json.dumps(layout_signature)):
+    if saved is not None:
+        found = {k: saved.get(k) for k in signature}
+        if found != json.loads(json.dumps(signature)):  # as JSON has it: tuples are lists
             raise CometConfigError(f"checkpoint {checkpoints} was written by a run with {found}; this run has "
-                                   f"{layout_signature}: resume with the same layout and CoMeT settings")
-    start = 0 if state is None else state["step"]
+                                   f"{signature}: resume with the same layout and CoMeT settings")
+    return saved
+
+
+def _start_tracking(run: RunConfig, rank: int, saved: dict[str, Any] | None, start: int) -> Tracker:
+    """The run's tracker (MLflow and metrics.jsonl; rank 0 records): a resume continues the checkpoint's
+    MLflow run from its step, a fresh run keeps an earlier metrics file aside and logs the settings."""
+    output = Path(run.output_dir)
     metrics_file = output / "metrics.jsonl"
-    if rank == 0 and state is None and metrics_file.exists():  # a fresh run keeps an earlier file aside
+    if rank == 0 and saved is None and metrics_file.exists():
         metrics_file.rename(output / f"metrics.{int(time.time())}.jsonl")
     tracker = Tracker(output, run.tracking.experiment, run.tracking.tracking_uri, run.tracking.run_name,
-                      enabled=rank == 0, resume_run_id=None if state is None else state.get("mlflow_run_id"),
-                      resume_step=None if state is None else start)
-    if state is None:
+                      enabled=rank == 0, resume_run_id=None if saved is None else saved.get("mlflow_run_id"),
+                      resume_step=None if saved is None else start)
+    if saved is None:
         tracker.log_params({"run": run.to_dict(), "deepspeed": run.deepspeed_dict()})
+    return tracker
 
-    sampler = StepSampler(load_training_dataset(run.dataset), replicas, run.train.sequences_per_step,
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    lr: float  # the rate this step's update used
+    grad_norm: float  # nan where DeepSpeed computes none
+    seconds: float
+    tokens_per_s: float
+    chunks: int
+
+
+def _train_steps(state: RunState) -> None:
+    """Steps state.start .. train.steps: each replica's sequences → chunks → one pipeline step → metrics and,
+    while the losses are finite, checkpoints."""
+    from tqdm import tqdm
+
+    from comet_ds.train.data import StepSampler
+
+    run = state.run
+    sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, run.train.sequences_per_step,
                           run.train.seed, run.train.max_tokens, run.train.group_by_length)
-    layout = ChunkLayout(run.comet, model.tokens)
-    progress = tqdm(total=run.train.steps, initial=start, disable=rank != 0, unit="step", dynamic_ncols=True)
-    losses: list[float] = []
-    nonfinite = 0  # consecutive steps with a non-finite loss or gradient norm
-    for step in range(start, run.train.steps):
+    layout = ChunkLayout(run.comet, state.model.tokens)
+    replica = state.engine.grid.get_data_parallel_id()
+    progress = tqdm(total=run.train.steps, initial=state.start, disable=state.rank != 0, unit="step",
+                    dynamic_ncols=True)
+    for step in range(state.start, run.train.steps):
         batch = sampler.batch(step, replica)
-        chunks = layout.layout(batch.input_ids, batch.labels)
-        engine.reset_stage_timers()
-        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        begin = time.perf_counter()
-        loss = float(engine.train_step(chunks, loss_scale=replicas / max(1, batch.global_trained_tokens)))
-        seconds = time.perf_counter() - begin
-        losses.append(loss)
-        done = step + 1
-        norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
-        grad_norm = float("nan") if norm is None else float(norm)
-        checked = [loss] if norm is None else [loss, grad_norm]
-        nonfinite = 0 if finite_on_every_rank([torch.tensor(checked)], engine.device) else nonfinite + 1
-        tokens_per_s = batch.global_text_tokens / seconds
-        progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        result = _step(state, layout.layout(batch.input_ids, batch.labels), batch)
+        progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}")
         progress.update(1)
-        if done % run.train.log_every == 0 or done == run.train.steps:
-            stats = engine.stage_stats(seconds)
-            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_s, "step_seconds": seconds, "chunks": len(chunks),
-                       "bubble_fraction": stats["bubble_fraction"],
-                       **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}}
-            tracker.log_metrics(metrics, step=done)
-        if nonfinite >= run.train.max_nonfinite_steps:
-            tracker.close(status="FAILED")
-            raise NonFiniteError(f"the loss or gradient norm was not finite for {nonfinite} consecutive steps "
-                                 f"(steps {done - nonfinite + 1}-{done}, loss {loss}); stopped without saving: "
-                                 "lower train.lr, or check the dataset and init_from weights")
-        if nonfinite == 0 and (done % run.train.save_every == 0 or done == run.train.steps):
-            save_checkpoint(engine, model, tokenizer, checkpoints, done, run.finetune, run.base_model,
-                            {"mlflow_run_id": tracker.run_id, **layout_signature}, run.train.keep_checkpoints)
+        _record(state, step + 1, result)
     progress.close()
-    if nonfinite:  # the last steps diverged: there is no final checkpoint to make the adapter from
+
+
+def _step(state: RunState, chunks: list[Any], batch: Any) -> StepResult:
+    """One optimizer step over the chunks of a batch; counts it as non-finite when its loss or gradient norm
+    is not finite on any process."""
+    from comet_ds.train.checkpoint import finite_on_every_rank
+
+    engine = state.engine
+    engine.reset_stage_timers()
+    lr = state.scheduler.get_last_lr()[0]
+    begin = time.perf_counter()
+    loss = float(engine.train_step(chunks, loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
+    seconds = time.perf_counter() - begin
+    state.losses.append(loss)
+    norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
+    grad_norm = float("nan") if norm is None else float(norm)
+    checked = [loss] if norm is None else [loss, grad_norm]
+    state.nonfinite = 0 if finite_on_every_rank([torch.tensor(checked)], engine.device) else state.nonfinite + 1
+    return StepResult(loss, lr, grad_norm, seconds, batch.global_text_tokens / seconds, len(chunks))
+
+
+def _record(state: RunState, done: int, result: StepResult) -> None:
+    """After step `done`: its metrics, then a stop if the losses stayed non-finite too long, else a checkpoint
+    when one is due and this step was finite (nothing non-finite is ever saved)."""
+    from comet_ds.train.checkpoint import NonFiniteError, save_checkpoint
+
+    run, tracker = state.run, state.tracker
+    if done % run.train.log_every == 0 or done == run.train.steps:
+        stats = state.engine.stage_stats(result.seconds)
+        tracker.log_metrics({"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                             "tokens_per_s": result.tokens_per_s, "step_seconds": result.seconds,
+                             "chunks": result.chunks, "bubble_fraction": stats["bubble_fraction"],
+                             **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}},
+                            step=done)
+    if state.nonfinite >= run.train.max_nonfinite_steps:
         tracker.close(status="FAILED")
-        raise NonFiniteError(f"the loss or gradient norm was not finite for the last {nonfinite} step(s), so no "
-                             "final checkpoint or adapter was saved: lower train.lr, or check the dataset")
-    final = checkpoints / f"step-{run.train.steps}" / "adapter"
-    if rank == 0:
+        raise NonFiniteError(f"the loss or gradient norm was not finite for {state.nonfinite} consecutive steps "
+                             f"(steps {done - state.nonfinite + 1}-{done}, loss {result.loss}); stopped without "
+                             "saving: lower train.lr, or check the dataset and init_from weights")
+    if state.nonfinite == 0 and (done % run.train.save_every == 0 or done == run.train.steps):
+        save_checkpoint(state.engine, state.model, state.tokenizer, state.checkpoints, done, run.finetune,
+                        run.base_model, {"mlflow_run_id": tracker.run_id, **state.layout_signature},
+                        run.train.keep_checkpoints)
+
+
+def _finish(state: RunState) -> dict[str, Any]:
+    """The last checkpoint's adapter becomes output_dir/adapter (rank 0), recorded with the DeepSpeed config."""
+    import deepspeed.comm as dist
+
+    from comet_ds.train.checkpoint import NonFiniteError
+
+    run, tracker, output = state.run, state.tracker, Path(state.run.output_dir)
+    if state.nonfinite:  # the last steps diverged: there is no final checkpoint to make the adapter from
+        tracker.close(status="FAILED")
+        raise NonFiniteError(f"the loss or gradient norm was not finite for the last {state.nonfinite} step(s), so "
+                             "no final checkpoint or adapter was saved: lower train.lr, or check the dataset")
+    final = state.checkpoints / f"step-{run.train.steps}" / "adapter"
+    if state.rank == 0:
         with output_directory(output / "adapter", "comet-ds train", overwrite=True) as scratch:  # its own only
             shutil.copytree(final, scratch, dirs_exist_ok=True)
         tracker.log_artifacts(output / "adapter", "adapter")
@@ -270,7 +399,7 @@ def train(run: RunConfig, resume: str | None = None) -> dict[str, Any]:
             tracker.log_artifact(deepspeed_path)
         tracker.close()
     dist.barrier()
-    return {"losses": losses, "adapter": str(output / "adapter"), "start_step": start,
+    return {"losses": state.losses, "adapter": str(output / "adapter"), "start_step": state.start,
             "mlflow": getattr(tracker, "tracking_uri", None)}  # its password redacted
 
 
