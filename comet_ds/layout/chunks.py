@@ -15,8 +15,8 @@ integer tensor.
 
 The temporary queue is chronological and may interleave real entries with fillers (from chunks
 shorter than C). Slot j is masked exactly when queue entry j is a filler, so a filler can never
-land in an attended slot (the reference layout put real slots first and filler slots last, which
-misaligns the two whenever fillers sit between real entries).
+land in an attended slot (putting real slots first and filler slots last instead would misalign the
+two whenever fillers sit between real entries).
 """
 
 from __future__ import annotations
