@@ -185,7 +185,6 @@ def test_max_nonfinite_steps_must_be_positive():
     from comet_ds.train.config import TrainSettings
 
     assert TrainSettings().max_nonfinite_steps == 3  # the diverging run below stops after 3 such steps
-    assert TrainSettings(max_nonfinite_steps=1).max_nonfinite_steps == 1
     with pytest.raises(CometConfigError, match=r"train\.max_nonfinite_steps must be >= 1"):
         TrainSettings(max_nonfinite_steps=0)
 
