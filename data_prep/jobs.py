@@ -28,8 +28,8 @@ def _row(ids: Sequence[int], labels: Sequence[int], max_tokens: int | None, text
          **fields: Any) -> Row | None:
     """A dataset row; `text` is decoded from the ids unless the rendered text is at hand.
 
-    Token columns are int32 arrays: as lists of Python ints they take ~9x the memory and cross
-    processes element by element.
+    Token columns are int32 arrays: as lists of Python ints they take several times the memory and
+    cross processes element by element.
     """
     if max_tokens and len(ids) > max_tokens:
         return None

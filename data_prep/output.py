@@ -110,8 +110,8 @@ class DatasetWriter:
             self._write_pending()
 
     def _write_pending(self) -> None:
-        """One Arrow record batch; token columns go in as one buffer each (pyarrow converts Python
-        int lists element by element, ~10x slower)."""
+        """One Arrow record batch; token columns go in as one buffer each (pyarrow would convert
+        Python int lists element by element)."""
         columns = {}
         for name, feature in self.features.items():
             values = [row[name] for row in self._pending]

@@ -7,7 +7,7 @@ token into the inputs and the labels, and training on it diverges. Special ids c
 tokenizer's own framing (bos/eos templates), and only when a caller asks for them.
 
 A fast tokenizer's own `tokenizer.json` is loaded with the `tokenizers` library alone. Going through
-transformers would import torch, seconds of start-up in every comet-prep process and worker for
+transformers would import torch, a slow start-up in every comet-prep process and worker for
 nothing the ids need. Anything else (a sentencepiece model without tokenizer.json, a config whose
 settings transformers applies on top of the file) loads through AutoTokenizer.
 """
@@ -31,8 +31,8 @@ IGNORE_INDEX = -100
 
 def int32_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
     """Token ids as an int32 array (an int32 array comes back as it is). struct packs a list of Python
-    ints about three times as fast as numpy converts one, and that conversion is a good part of
-    comet-prep's Python work."""
+    ints faster than numpy converts one, and that conversion is a good part of comet-prep's Python
+    work."""
     if isinstance(ids, np.ndarray):
         return ids.astype(np.int32, copy=False)
     return np.frombuffer(struct.pack(f"{len(ids)}i", *ids), dtype=np.int32)
@@ -85,7 +85,7 @@ class TextEncoder:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text read as text, without framing tokens."""
         if self._fast is not None:
-            # the _fast variant skips character offsets, which we never read: about twice the speed
+            # the _fast variant skips character offsets, which we never read
             return [e.ids for e in self._fast.encode_batch_fast(list(texts), add_special_tokens=False)]
         return self._slow(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
 

@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 import deepspeed  # noqa: E402
 import deepspeed.comm as dist  # noqa: E402
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology  # noqa: E402
+from helpers import trained_like  # noqa: E402  (this script's folder is on its path)
 
 from comet_ds.config import CometConfig  # noqa: E402
 from comet_ds.layout import ChunkLayout  # noqa: E402
@@ -58,11 +59,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model, tokenizer = build_comet(args.base, CONFIG, FinetuneSettings(method=args.method))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # move every trainable weight off its init (LoRA B starts at zero)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trained_like(model, seed=2)
     reference = copy.deepcopy(model)
     names = {id(p): n for n, p in model.named_parameters()}
 

@@ -1,12 +1,16 @@
 import json
+import math
+import re
 
 import pytest
+from datasets import Dataset
+from helpers import untrained_adapter
+from transformers import AutoTokenizer
 
 from comet_ds.cli import main
 from comet_ds.config import CometConfig
-from comet_ds.eval.qa import normalize, token_f1
-from comet_ds.modeling.finetune import FinetuneSettings
-from comet_ds.modeling.pretrained import build_comet, save_comet
+from comet_ds.eval.passkey import KEY_TOKENS, evaluate_passkey
+from comet_ds.eval.qa import evaluate_qa, normalize, token_f1
 from data_prep.cli import main as prep_main
 
 CONFIG = CometConfig(chunk_size=64, global_slots=4, temp_stride=8, temp_budget=16)
@@ -14,10 +18,12 @@ CONFIG = CometConfig(chunk_size=64, global_slots=4, temp_stride=8, temp_budget=1
 
 @pytest.fixture(scope="module")
 def adapter(base_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "adapter"
-    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
-    save_comet(model, tokenizer, out, FinetuneSettings(), base_dirs["llama"])
-    return str(out)
+    return str(untrained_adapter(base_dirs["llama"], CONFIG, tmp_path_factory.mktemp("eval") / "adapter"))
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def test_passkey_smoke_run_writes_json_heatmap_and_mlflow(adapter, tmp_path, capsys):
@@ -31,8 +37,13 @@ def test_passkey_smoke_run_writes_json_heatmap_and_mlflow(adapter, tmp_path, cap
     assert [r["length"] for r in result["comet"]] == [200, 400, 800]
     for row in result["comet"]:
         assert set(row["accuracy_by_depth"]) == {"0.0", "0.5", "1.0"}
-        assert 0.0 <= row["accuracy"] <= 1.0 and row["peak_mem_mib"] > 0 and row["tokens_per_s"] > 0
+        assert row["peak_mem_mib"] > 0 and row["tokens_per_s"] > 0
         assert len(row["samples"]) == 3 and all(len(s["passkey"]) == 5 for s in row["samples"])
+        # the figures are the samples' own: retrieved = the output starts with the key, averaged per depth
+        for sample in row["samples"]:
+            assert sample["correct"] == sample["output"].startswith(sample["passkey"])
+            assert row["accuracy_by_depth"][str(sample["depth"])] == float(sample["correct"])  # one per depth
+        assert row["accuracy"] == pytest.approx(mean(row["accuracy_by_depth"].values()))
     # with a tiny budget every full-attention length is skipped, and says why
     assert all("budget" in r["skipped"] for r in result["full_attention"]) and "skipped" in printed
     for name in ("passkey_heatmap.png", "passkey_cost.png", "mlflow.db"):
@@ -65,7 +76,71 @@ def test_qa_scores_exact_match_and_f1(adapter, base_dirs, tmp_path, capsys):
     result = json.loads((tmp_path / "qa" / "qa.json").read_text())
     assert result["scored"] == 2 and result["skipped"] == 0
     assert all(len(r["reference"].strip()) == 5 for r in result["rows"])  # the pass keys
-    assert 0.0 <= result["f1"] <= 1.0
+    for row in result["rows"]:  # each row scored on what it shows; the totals are the rows' means
+        assert row["f1"] == token_f1(row["prediction"], row["reference"])
+        assert row["exact_match"] == float(normalize(row["prediction"]) == normalize(row["reference"]))
+    assert result["f1"] == pytest.approx(mean(r["f1"] for r in result["rows"]))
+    assert result["exact_match"] == pytest.approx(mean(r["exact_match"] for r in result["rows"]))
+
+
+def test_qa_scores_of_known_predictions(base_dirs):
+    """Two answerable rows with known continuations, one without labels and one without a prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dirs["llama"])
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    key_prompt, key = encode("Question: what is the key? Answer:"), encode(" 12345")
+    fruit_prompt, fruit = encode("Question: which fruit? Answer:"), encode(" the red apple")
+    ignored = [-100]
+    dataset = Dataset.from_dict({
+        "input_ids": [key_prompt + key, fruit_prompt + fruit, encode("nothing to answer"), key],
+        "labels": [ignored * len(key_prompt) + key, ignored * len(fruit_prompt) + fruit,
+                   ignored * len(encode("nothing to answer")), key]})
+    continuations = {tuple(key_prompt): " 12345 and more", tuple(fruit_prompt): " a red pear tree"}
+    asked = []
+
+    def continuation(prompt, n):
+        asked.append(n)
+        return encode(continuations[tuple(prompt)])
+
+    result = evaluate_qa(continuation, tokenizer, dataset)
+    assert asked == [len(key) + 4, len(fruit) + 4]  # the answer's length and some slack
+    # the prediction is cut to the reference's word count: "12345" against "12345" (exact), and
+    # "a red pear" against "the red apple": without articles 1 of 2 words in common, F1 = 1/2
+    assert [(r["index"], r["prediction"], r["exact_match"], r["f1"]) for r in result["rows"]] == [
+        (0, "12345", 1.0, 1.0), (1, "a red pear", 0.0, 0.5)]
+    assert (result["exact_match"], result["f1"], result["scored"], result["skipped"]) == (0.5, 0.75, 2, 2)
+
+
+def test_passkey_accuracy_of_known_answers(base_dirs):
+    """Per depth, 2 samples: both retrieved at depth 0 (one running on after the key), one at depth
+    0.5, none at depth 1 (a wrong first digit); the longer length is skipped without a call."""
+    tokenizer = AutoTokenizer.from_pretrained(base_dirs["llama"])
+    plan = iter(["key", "key and more", "key", "wrong", "wrong", "wrong"])
+    asked = []
+
+    def continuation(prompt, n):
+        found = re.search(r"pass key is (\d{5})", tokenizer.decode(prompt))
+        if found is None:  # the warm-up call
+            return []
+        asked.append(n)
+        key, answer = found.group(1), next(plan)
+        wrong = str(int(key[0]) % 9 + 1) + key[1:]
+        text = {"key": key, "key and more": f"{key} and more", "wrong": wrong}[answer]
+        return tokenizer(" " + text, add_special_tokens=False).input_ids
+
+    skip = {300: "too long for this test"}.get
+    printed = []
+    short, long = evaluate_passkey(continuation, tokenizer, [200, 300], [0.0, 0.5, 1.0], 2, seed=0, skip=skip,
+                                   progress=printed.append)
+    assert asked == [KEY_TOKENS] * 6
+    assert short.accuracy_by_depth == {0.0: 1.0, 0.5: 0.5, 1.0: 0.0} and short.accuracy == 0.5
+    assert [(s["depth"], s["correct"]) for s in short.samples] == [
+        (0.0, True), (0.0, True), (0.5, True), (0.5, False), (1.0, False), (1.0, False)]
+    assert short.skipped is None and long.skipped == "too long for this test"
+    assert long.accuracy_by_depth == {} and math.isnan(long.accuracy)
+    assert "accuracy  50.0%" in printed[0] and "skipped (too long for this test)" in printed[1]
 
 
 def test_answer_normalisation_and_f1():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import trained_like
 
 from comet_ds.config import CometConfig
 from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
@@ -12,13 +13,10 @@ from comet_ds.modeling.pretrained import build_comet
 CONFIG = CometConfig(chunk_size=16, global_slots=4, temp_stride=5, temp_budget=6)
 
 
-def trained_like(model):
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+def perturbed(model):
+    """Weights moved far from their init: after trained_like's smaller default step the greedy
+    continuations of the random base repeat one token, which would hide a token fed at the wrong place."""
+    return trained_like(model, scale=0.3, seed=3)
 
 
 def reference_greedy(model, prompt, steps):
@@ -38,7 +36,7 @@ def reference_greedy(model, prompt, steps):
 @pytest.mark.parametrize("prompt_length", [5, 16, 37])
 def test_greedy_generation_equals_the_step_by_step_reference(base_dirs, arch, prompt_length):
     model, _ = build_comet(base_dirs[arch], CONFIG)
-    trained_like(model)
+    perturbed(model)
     prompt = torch.randint(4, 800, (prompt_length,), generator=torch.Generator().manual_seed(prompt_length)).tolist()
     steps = 40  # rolls over into at least two new chunks
     assert StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=steps)) == \
@@ -71,7 +69,7 @@ def test_beacon_cadence_in_decoding_matches_the_training_layout(base_dirs):
 
 def test_generation_rolls_over_without_limit(base_dirs):
     model, tokenizer = build_comet(base_dirs["qwen3"], CONFIG)
-    new = StreamingGenerator(trained_like(model)).generate([5, 6, 7], SamplingSettings(max_new_tokens=100))
+    new = StreamingGenerator(perturbed(model)).generate([5, 6, 7], SamplingSettings(max_new_tokens=100))
     assert len(new) == 100  # six chunk roll-overs
     assert not set(new) & set(model.tokens.inserted_ids)
     assert all(0 <= t < len(tokenizer) for t in new)
@@ -79,7 +77,7 @@ def test_generation_rolls_over_without_limit(base_dirs):
 
 def test_sampling_is_reproducible_from_the_seed(base_dirs):
     model, _ = build_comet(base_dirs["llama"], CONFIG)
-    generator = StreamingGenerator(trained_like(model))
+    generator = StreamingGenerator(perturbed(model))
     settings = SamplingSettings(max_new_tokens=20, do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=4)
     first = generator.generate([5, 6, 7], settings)
     assert first == generator.generate([5, 6, 7], settings)
@@ -88,7 +86,7 @@ def test_sampling_is_reproducible_from_the_seed(base_dirs):
 
 def test_stop_tokens_end_generation(base_dirs):
     model, _ = build_comet(base_dirs["llama"], CONFIG)
-    generator = StreamingGenerator(trained_like(model))
+    generator = StreamingGenerator(perturbed(model))
     free = generator.generate([5, 6, 7], SamplingSettings(max_new_tokens=10))
     stopped = generator.generate([5, 6, 7], SamplingSettings(max_new_tokens=10, stop_token_ids=(free[2],)))
     assert stopped == free[: free.index(free[2]) + 1]
@@ -102,7 +100,7 @@ def test_generate_command_writes_jsonl(base_dirs, tmp_path, capsys):
     from comet_ds.modeling.pretrained import save_comet
 
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
-    save_comet(trained_like(model), tokenizer, tmp_path / "adapter", FinetuneSettings(), base_dirs["llama"])
+    save_comet(perturbed(model), tokenizer, tmp_path / "adapter", FinetuneSettings(), base_dirs["llama"])
     (tmp_path / "prompts.jsonl").write_text('{"id": 1, "prompt": "The pass key is"}\n{"prompt": "Here we go."}\n')
     main(["generate", "--model", str(tmp_path / "adapter"), "--prompts", str(tmp_path / "prompts.jsonl"),
           "--max-new-tokens", "20", "--ignore-eos", "--output", str(tmp_path / "out.jsonl")])

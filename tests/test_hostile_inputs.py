@@ -10,25 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import TRAJECTORY, refusal, save_dataset, write_run
 
 from comet_ds.cli import main as comet_ds
 from data_prep.cli import main as prep
-
-TRAJECTORY = {"id": "run-1", "messages": [{"role": "user", "content": "Say hi."},
-                                          {"role": "assistant", "content": "hi"}]}
-
-
-@pytest.fixture(scope="module")
-def adapter(base_dirs, tmp_path_factory) -> Path:
-    from comet_ds.config import CometConfig
-    from comet_ds.modeling.finetune import FinetuneSettings
-    from comet_ds.modeling.pretrained import build_comet, save_comet
-
-    model, tokenizer = build_comet(base_dirs["llama"], CometConfig(chunk_size=16, global_slots=4, temp_stride=4,
-                                                                   temp_budget=6))
-    path = tmp_path_factory.mktemp("adapter") / "adapter"
-    save_comet(model, tokenizer, path, FinetuneSettings(), base_dirs["llama"])
-    return path
 
 
 def damaged(adapter: Path, tmp_path: Path, name: str, content: bytes | None) -> str:
@@ -48,17 +33,8 @@ def truncated(adapter: Path, name: str) -> bytes:
     return (adapter / name).read_bytes()[:100]
 
 
-def one_line(capsys, run, code: int = 2) -> str:
-    """The one line a refused command prints, after checking its exit status and that no traceback shows."""
-    with pytest.raises(SystemExit) as exit_info:
-        run()
-    assert exit_info.value.code == code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
-
-# (name, argv builder, words the line must hold): each ended in a traceback, a late error or exit 0 before
+# (name, argv builder, words the line must hold): damaged model files, outputs that would overwrite an input
+# and impossible sizes, each of which could otherwise surface as a traceback, an error after the work, or exit 0
 COMET_DS_CASES = [
     ("comet_config.json not JSON", lambda a, t, b: ["generate", "--model", damaged(a, t, "comet_config.json", b"{x"),
                                                     "--prompt", "hi"], "comet_config.json is damaged"),
@@ -123,7 +99,7 @@ def test_comet_ds_refuses_in_one_line(adapter, base_dirs, tmp_path, capsys, buil
     argv = build(adapter, tmp_path, base_dirs["llama"])
     capsys.readouterr()  # what building the input printed
     before = (tmp_path / "prompts.jsonl").read_bytes() if (tmp_path / "prompts.jsonl").exists() else None
-    assert says in one_line(capsys, lambda: comet_ds(argv))
+    assert says in refusal(capsys, lambda: comet_ds(argv))
     assert not (tmp_path / "out").exists() and not (tmp_path / "base").exists()
     if before is not None:  # the prompts stay as they were
         assert (tmp_path / "prompts.jsonl").read_bytes() == before
@@ -144,11 +120,11 @@ def test_comet_ds_bench_sizes_are_usage_errors(capsys, argv, says):
 @pytest.mark.parametrize("command", ["agent-logs", "user-behavior"])
 @pytest.mark.parametrize("spelling", ["same", "other"])
 def test_comet_prep_refuses_an_input_given_twice(base_dirs, tmp_path, capsys, command, spelling):
-    """Before, every record was read twice and the dataset held each sample twice, with exit 0."""
+    """Reading one file twice would train on each of its records twice, with nothing said."""
     source = tmp_path / ("x.jsonl" if command == "agent-logs" else "x.csv")
     source.write_text(json.dumps(TRAJECTORY) + "\n" if command == "agent-logs" else "1,2,3,pv,1511544070\n")
     again = source if spelling == "same" else tmp_path / "." / source.name
-    err = one_line(capsys, lambda: prep([command, str(source), str(again), "--tokenizer", base_dirs["llama"],
+    err = refusal(capsys, lambda: prep([command, str(source), str(again), "--tokenizer", base_dirs["llama"],
                                          "--output", str(tmp_path / "out"), "--quiet"]))
     assert "is given twice" in err
     assert not (tmp_path / "out").exists()
@@ -156,7 +132,7 @@ def test_comet_prep_refuses_an_input_given_twice(base_dirs, tmp_path, capsys, co
 
 def test_comet_prep_names_a_directory_given_as_input(base_dirs, tmp_path, capsys):
     (tmp_path / "logs").mkdir()
-    err = one_line(capsys, lambda: prep(["agent-logs", str(tmp_path / "logs"), "--tokenizer", base_dirs["llama"],
+    err = refusal(capsys, lambda: prep(["agent-logs", str(tmp_path / "logs"), "--tokenizer", base_dirs["llama"],
                                          "--output", str(tmp_path / "out")]))
     assert "is a directory" in err
 
@@ -164,7 +140,7 @@ def test_comet_prep_names_a_directory_given_as_input(base_dirs, tmp_path, capsys
 def test_comet_prep_refuses_a_spill_dir_that_is_no_directory(base_dirs, tmp_path, capsys):
     source = tmp_path / "x.csv"
     source.write_text("1,2,3,pv,1511544070\n")
-    err = one_line(capsys, lambda: prep(["user-behavior", str(source), "--tokenizer", base_dirs["llama"],
+    err = refusal(capsys, lambda: prep(["user-behavior", str(source), "--tokenizer", base_dirs["llama"],
                                          "--spill-dir", str(source), "--output", str(tmp_path / "out")]))
     assert "--spill-dir" in err and "not a directory" in err
 
@@ -216,11 +192,9 @@ def test_an_interrupted_init_base_leaves_no_scratch(tmp_path, signum):
 
 
 def test_dry_run_says_when_the_only_checkpoint_is_the_last_step(base_dirs, tmp_path, capsys):
-    """Before, train.steps=10**20 with save_every above it passed the dry run without a word: a run that
-    would never checkpoint before its end."""
-    from test_validation import save_dataset, write_run
-
+    """train.steps=10**20 with save_every above it is a run that never checkpoints before its end: the
+    dry run is where that can be said before the time is spent."""
     data = save_dataset(tmp_path / "data", [[5, 6, 7, 8]], [[-100, 6, 7, 8]])
-    path = write_run(tmp_path, base_dirs["llama"], data, save_every=10**21)
+    path = write_run(tmp_path, base_dirs["llama"], data, train={"save_every": 10**21})
     comet_ds(["train", "--config", str(path), "--dry-run", "train.steps=100000000000000000000"])
     assert "the only checkpoint is the last step's" in capsys.readouterr().out

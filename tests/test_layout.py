@@ -23,12 +23,22 @@ def indices(chunk, config=TOY):
             for name in ("global_slots", "temp_slots", "temp_beacons", "global_beacons", "temp_keep")}
 
 
-def test_worked_example_of_the_reference_layout():
-    """C=16, s=4, G=4, Q=8 on the tokens 1..64 (digest §2.6), padded to one static length."""
+# role names short enough to write a chunk out position by position
+T, TB, TBF, GS, TS, TSE, GBR, PD = (Role.TEXT, Role.TEMP_BEACON, Role.TEMP_BEACON_FILLER, Role.GLOBAL_SLOT,
+                                    Role.TEMP_SLOT, Role.TEMP_SLOT_EMPTY, Role.GLOBAL_BEACON, Role.PAD)
+
+
+def test_worked_example_of_the_layout():
+    """C=16, s=4, G=4, Q=8 on the tokens 1..64, padded to one static length."""
     chunks = ChunkLayout(TOY, TOY_TOKENS).layout([list(range(1, 65))])
     assert len(chunks) == 4
     assert TOY.chunk_length == 36
     assert all(c.input_ids.shape == (1, 36) for c in chunks)
+
+    # chunk 0 has no memory to receive; chunk 1 receives chunk 0's 4 entries, chunk 2 a full queue of 8
+    assert chunks[0].roles[0].tolist() == [T, T, T, T, TB] * 4 + [GBR] * 4 + [PD] * 12
+    assert chunks[1].roles[0].tolist() == [GS] * 4 + [TS] * 4 + [T, T, T, T, TB] * 4 + [GBR] * 4 + [PD] * 4
+    assert chunks[2].roles[0].tolist() == [GS] * 4 + [TS] * 8 + [T, T, T, T, TB] * 4 + [GBR] * 4
 
     ids0 = chunks[0].input_ids[0].tolist()
     assert ids0[:24] == [*text_with_beacons(1), *GB]
@@ -62,6 +72,27 @@ def test_worked_example_of_the_reference_layout():
     assert chunks[0].attention_mask[0].tolist() == [1] * 24 + [0] * 12
 
 
+def test_a_short_chunk_pads_its_beacons_and_its_fillers_are_masked_slots_next_chunk():
+    """Tokens 1..22 in chunks of 6 and 16 text tokens: chunk 0 has beacons after tokens 4 and 6 (the
+    last text token) and 2 fillers to make up ceil(C/s) = 4 entries; chunk 1 receives the 4 entries
+    in order, its last 2 slots masked."""
+    chunks = ChunkLayout(TOY, TOY_TOKENS).layout([list(range(1, 23))], text_chunk_sizes=[[6, 16]])
+    assert chunks[0].input_ids[0].tolist() == [1, 2, 3, 4, B, 5, 6, B, *GB, PAD, PAD] + [PAD] * 22
+    assert chunks[0].roles[0].tolist() == [T, T, T, T, TB, T, T, TB] + [GBR] * 4 + [TBF] * 2 + [PD] * 22
+    assert chunks[0].attention_mask[0].tolist() == [1] * 12 + [0] * 24
+
+    assert chunks[1].input_ids[0].tolist() == [P] * 8 + text_with_beacons(7) + list(GB) + [PAD] * 4
+    assert chunks[1].roles[0].tolist() == [GS] * 4 + [TS, TS, TSE, TSE] + [T, T, T, T, TB] * 4 + [GBR] * 4 + [PD] * 4
+    # a masked slot takes no position: the text goes on from the last attended slot
+    assert chunks[1].position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 6, *range(6, 30), 30, 30, 30, 30]
+    assert indices(chunks[1]) == {"global_slots": [0, 1, 2, 3], "temp_slots": [4, 5, 6, 7],
+                                  "temp_beacons": [12, 17, 22, 27], "global_beacons": [28, 29, 30, 31],
+                                  "temp_keep": list(range(8))}
+    # labels: 6 → 7 crosses the chunk boundary; fillers and padding train nothing
+    assert chunks[0].labels[0].tolist()[:8] == [2, 3, 4, 5, IGNORE_INDEX, 6, 7, IGNORE_INDEX]
+    assert (chunks[0].labels[0][8:] == IGNORE_INDEX).all()
+
+
 def queue_provenance_mismatches(chunks, config):
     """Follow every temporary memory entry through the FIFO and report the temp slots where a
     filler entry lands in an attended slot or a real entry in a masked one."""
@@ -83,8 +114,9 @@ def queue_provenance_mismatches(chunks, config):
     return wrong
 
 
-def reference_slot_order(chunk):
-    """The reference layout's flaw, reproduced: attended temp slots first, masked ones last."""
+def real_slots_first(chunk):
+    """The chunk with its attended temp slots moved first and masked ones last: a placement that
+    misaligns slots and queue entries whenever fillers sit between real entries."""
     roles = chunk.roles.clone()
     slots = ((roles == Role.TEMP_SLOT) | (roles == Role.TEMP_SLOT_EMPTY)).nonzero()[:, 1]
     n_real = int((roles == Role.TEMP_SLOT).sum())
@@ -94,15 +126,18 @@ def reference_slot_order(chunk):
 
 
 def test_filler_memories_never_land_in_attended_slots():
-    # Uneven chunks (a Uniform-style plan) put fillers between real entries in the queue.
+    # Chunks shorter than C put fillers between real entries in the queue.
     config = CometConfig(chunk_size=16, global_slots=2, temp_stride=4, temp_budget=12)
     tokens = CometTokens(placeholder_id=P, temp_beacon_id=B, global_beacon_ids=(110, 111), pad_id=PAD)
     sizes = [10, 9, 16, 5, 16, 16]
     chunks = ChunkLayout(config, tokens).layout([list(range(1, sum(sizes) + 1))], text_chunk_sizes=[sizes])
     assert queue_provenance_mismatches(chunks, config) == []
-    # the same chunks with the reference placement are caught by the same check
-    flawed = [reference_slot_order(c) for c in chunks]
-    assert queue_provenance_mismatches(flawed, config) != []
+    # The same chunks with real slots first are caught by the same check. Beacons per chunk (real +
+    # filler): 3+1, 3+1, 4, 2+2, 4, 4, so chunk 2 receives R R R F R R R F and chunk 3 that plus R R R R;
+    # real-first then marks slots 3 and 6 of chunk 2 and slots 3, 7, 10 and 11 of chunk 3 wrongly.
+    # Chunk 3's 2 fillers are evicted at once (12 real entries fill the queue), so chunks 4 and 5 agree.
+    flawed = [real_slots_first(c) for c in chunks]
+    assert queue_provenance_mismatches(flawed, config) == [(2, 3), (2, 6), (3, 3), (3, 7), (3, 10), (3, 11)]
 
 
 def test_fifo_keeps_the_newest_real_entries():

@@ -1,8 +1,9 @@
 import pytest
 import torch
+from helpers import finite_logits
 
 from comet_ds.config import CometConfig
-from comet_ds.layout import ChunkLayout, Role
+from comet_ds.layout import ChunkLayout
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.modeling.memory import GlobalMemory
 from comet_ds.modeling.pretrained import build_comet
@@ -17,10 +18,6 @@ def sequences(tokenizer, lengths=(80, 50), seed=0):
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def finite(logits):
-    return torch.nan_to_num(torch.cat(logits, dim=1), neginf=0.0)
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen2", "mistral"])
 def test_streaming_equals_layer_major_reference(base_dirs, arch):
     model, tokenizer = build_comet(base_dirs[arch], CONFIG)
@@ -33,7 +30,7 @@ def test_streaming_equals_layer_major_reference(base_dirs, arch):
     out = model(chunks, return_logits=True)
     out.loss.backward()
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
-    assert (finite(out.logits) - finite(ref.logits)).abs().max().item() <= 1e-5
+    assert (finite_logits(out.logits) - finite_logits(ref.logits)).abs().max().item() <= 1e-5
     assert ref_grads
     for name, grad in ref_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5)
@@ -158,7 +155,9 @@ def test_inserted_tokens_are_single_special_tokens(base_dirs):
     ids = tokenizer("x <|memory|> <beacon> <beacon_3>", add_special_tokens=False).input_ids
     assert {model.tokens.placeholder_id, model.tokens.temp_beacon_id, model.tokens.global_beacon_ids[3]} <= set(ids)
     assert len(set(model.tokens.inserted_ids)) == CONFIG.global_slots + 2
-    assert Role.TEXT == 1
+    tokens = model.tokens
+    assert tokenizer.convert_ids_to_tokens([tokens.placeholder_id, tokens.temp_beacon_id, *tokens.global_beacon_ids]) \
+        == ["<|memory|>", "<beacon>", "<beacon_0>", "<beacon_1>", "<beacon_2>", "<beacon_3>"]
 
 
 def test_activation_checkpointing_gives_the_same_gradients(base_dirs):

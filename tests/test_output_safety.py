@@ -10,23 +10,11 @@ import sys
 import time
 
 import pytest
+from helpers import TRAJECTORY, refusal
 
 from comet_ds.cli import main as comet_ds
 from data_prep.cli import main as prep
 from data_prep.fs import OUTPUT_MARKER
-
-TRAJECTORY = {"id": "run-1", "messages": [{"role": "user", "content": "Say hi."},
-                                          {"role": "assistant", "content": "hi"}]}
-
-
-def refusal(capsys, run) -> str:
-    """The one line a refused command prints, after checking it exits 2 without a traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        run()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def passkey(tokenizer, output, *extra):
@@ -37,20 +25,7 @@ def listing(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def adapter(base_dirs, tmp_path_factory):
-    from comet_ds.config import CometConfig
-    from comet_ds.modeling.finetune import FinetuneSettings
-    from comet_ds.modeling.pretrained import build_comet, save_comet
-
-    model, tokenizer = build_comet(base_dirs["llama"], CometConfig(chunk_size=16, global_slots=4, temp_stride=4,
-                                                                   temp_budget=6))
-    path = tmp_path_factory.mktemp("adapter") / "adapter"
-    save_comet(model, tokenizer, path, FinetuneSettings(), base_dirs["llama"])
-    return path
-
-
-# the three reported cases
+# an output over what the command reads, or over a directory it did not write
 
 
 def test_agent_logs_output_over_its_own_input_is_refused(base_dirs, tmp_path, capsys):

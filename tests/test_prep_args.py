@@ -76,6 +76,9 @@ def test_columns_missing_from_the_input_are_one_line_naming_the_columns_present(
 def test_columns_present_in_the_input_pass_the_check(tmp_path):
     path = tmp_path / "events.csv"
     path.write_text("timestamp,visitorid,event,itemid,cat\n1433221332117,257597,view,355908,7\n")
-    check_columns(path, {"user_id": "visitorid", "behavior_type": "event", "item_id": "itemid",
-                         "category_id": "cat"})
-    check_columns(path, {})  # the default layout is not checked: a header-less file has none
+    mapping = {"user_id": "visitorid", "behavior_type": "event", "item_id": "itemid", "category_id": "cat"}
+    assert check_columns(path, mapping) is None
+    assert check_columns(path, {}) is None  # the default layout is not checked: a header-less file has none
+    # the same header without one mapped column: the check looks at the header it passed
+    with pytest.raises(ValueError, match=r"has no column 'category' \(its first line has: timestamp, visitorid,"):
+        check_columns(path, {**mapping, "category_id": "category"})

@@ -1,7 +1,9 @@
 """Malformed input never stops comet-prep: every record or line is used or rejected with a reason.
 
-The reported records first, then generated ones: arbitrary JSON, near-valid records of each agent-log
-format and arbitrary CSV/TSV/JSONL event lines, through the readers and the sample builders.
+Hand-written records first, each a kind of damage that could stop a reader (types where others are
+expected, nesting deep enough to exhaust recursion), then generated ones: arbitrary JSON, near-valid
+records of each agent-log format and arbitrary CSV/TSV/JSONL event lines, through the readers and the
+sample builders.
 """
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
+from helpers import read_all_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +55,7 @@ def read_agent_log(path: Path, fmt: str = "auto") -> list[tuple[int, Trajectory 
          + DEEP + b'"}}]}]}', "message 0: tool call 0: arguments: JSON nested deeper than"),
     ],
 )
-def test_the_reported_records_are_rejected_not_fatal(tmp_path, line, reason):
+def test_records_that_could_stop_a_reader_are_rejected_not_fatal(tmp_path, line, reason):
     path = write_lines(tmp_path / "bad.jsonl", [line])
     ((number, item),) = read_agent_log(path)
     assert number == 1 and isinstance(item, Rejection) and reason in str(item), item
@@ -79,17 +82,6 @@ def read_events_both_ways(path: Path) -> list[tuple[list, list]]:
             read = read_all_events(path)
         reads.append(([e for e in read if len(e) == 5], [e for e in read if len(e) == 2]))
     return reads
-
-
-def read_all_events(path: Path) -> list[tuple]:
-    """Events as (user, timestamp, item, category, behavior) and rejections as (line, reason), in file order."""
-    out = []
-    for item in read_events(path, {}):
-        if isinstance(item, tuple):
-            out.append((item[0], str(item[1])))
-        else:
-            out += zip(*(column.to_pylist() for column in item.columns))
-    return out
 
 
 @pytest.mark.parametrize("stamp", ["１５１１５４４０７０", "١٥١١٥٤٤٠٧٠", "۱۵۱۱۵۴۴۰۷۰", "1511544070\u00b9",
@@ -140,7 +132,7 @@ def test_dates_without_a_zone_are_utc_and_dates_before_1970_are_rejected(tmp_pat
         (b'{"user_id": ' + DEEP + b"}", "JSON nested deeper than"),
     ],
 )
-def test_event_lines_that_stopped_the_reader_are_rejected(tmp_path, line, reason):
+def test_event_lines_that_could_stop_the_reader_are_rejected(tmp_path, line, reason):
     path = write_lines(tmp_path / "events.txt", [line])
     ((number, rejection),) = read_all_events(path)
     assert number == 1 and reason in rejection

@@ -1,4 +1,6 @@
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
@@ -24,7 +26,11 @@ def test_passkey_dataset_has_exact_lengths_and_only_the_answer_trained(base_dirs
     assert data["sample_id"] == [f"passkey-{i}" for i in range(12)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["samples"] == 12 and manifest["tokens"]["total"] == 6 * 300 + 6 * 600
-    assert len(manifest["tokenizer_sha256"]) == 64
+    # the tokenizer's files, name then bytes in name order: what training compares with its base's
+    expected = hashlib.sha256()
+    for path in sorted(Path(base_dirs["llama"]).glob("tokenizer*")):
+        expected.update(path.name.encode() + path.read_bytes())
+    assert manifest["tokenizer_sha256"] == expected.hexdigest()
 
 
 def test_same_seed_same_samples(base_dirs, tmp_path):

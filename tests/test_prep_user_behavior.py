@@ -6,10 +6,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 from datasets import load_from_disk
+from helpers import read_all_events
 
 from data_prep import user_behavior
 from data_prep.cli import main
-from data_prep.user_behavior import EVENT_SCHEMA, UserBuckets, format_time, questions, read_events
+from data_prep.user_behavior import EVENT_SCHEMA, UserBuckets, format_time, questions
 
 # user 1: views and carts item 10, buys it later; carts item 11, never buys it. user 2: one view.
 ROWS = [
@@ -20,18 +21,6 @@ ROWS = [
     ("1", "12", "200", "pv", 1511544300),
     ("1", "10", "100", "buy", 1511544400),
 ]
-
-
-def read_all(path, mapping=None):
-    """Every event as a (user, timestamp, item, category, behavior) tuple and every rejection as
-    (line, reason), in file order."""
-    out = []
-    for item in read_events(path, mapping or {}):
-        if isinstance(item, tuple):
-            out.append((item[0], str(item[1])))
-        else:
-            out += zip(*(column.to_pylist() for column in item.columns))
-    return out
 
 
 def as_batch(events):
@@ -53,14 +42,14 @@ def test_every_layout_reads_the_same_events(tmp_path, variant):
         path.write_text("".join(json.dumps(dict(zip(keys, r))) + "\n" for r in ROWS))
     else:
         path.write_text(csv_text(ROWS, header=variant == "csv-header", sep="\t" if variant == "tsv" else ",") + "\n")
-    events = read_all(path)
+    events = read_all_events(path)
     assert events[0] == ("1", 1511544070, "10", "100", "pv") and len(events) == 6
 
 
 def test_a_column_mapping_reads_other_layouts(tmp_path):
     path = tmp_path / "retail.csv"
     path.write_text("timestamp,visitorid,event,itemid,cat\n1433221332117,257597,view,355908,7\n")
-    events = read_all(path, {"user_id": "visitorid", "behavior_type": "event", "item_id": "itemid",
+    events = read_all_events(path, {"user_id": "visitorid", "behavior_type": "event", "item_id": "itemid",
                              "category_id": "cat"})
     assert events == [("257597", 1433221332, "355908", "7", "view")]  # milliseconds → seconds
 
@@ -113,9 +102,9 @@ def test_arrow_blocks_and_the_per_line_rules_read_the_same_events(tmp_path, monk
     path = tmp_path / "mixed.csv"
     path.write_text("\n".join(lines) + "\n")
     monkeypatch.setattr(user_behavior, "_BLOCK_BYTES", 40)
-    small_blocks = read_all(path)
+    small_blocks = read_all_events(path)
     monkeypatch.setattr(user_behavior, "_NEEDS_PER_LINE_RULES", re.compile(rb"."))  # every line by the rules
-    per_line = read_all(path)
+    per_line = read_all_events(path)
     for read in (small_blocks, per_line):  # a block's events may follow its rejections: compare each in order
         assert [e for e in read if len(e) == 5] == [
             ("7", 1511544070, "1", "2", "pv"), ("7", 1511544070, "1", "2", "buy"), ("8", 1511544099, "1", "2", "fav"),
@@ -130,7 +119,7 @@ def test_json_strings_with_lone_surrogates_are_rejected(tmp_path):
     path = tmp_path / "events.jsonl"
     record = '{"user_id": "1", "item_id": "%s", "category_id": "3", "behavior_type": "pv", "timestamp": 5}\n'
     path.write_text(record % "\\ud800" + record % "\\ud83d\\ude00")  # lone, then a valid pair (an emoji)
-    (_, rejected), event = read_all(path)
+    (_, rejected), event = read_all_events(path)
     assert rejected == "a string holds a lone UTF-16 surrogate" and event[2] == "😀"
 
 
@@ -173,9 +162,9 @@ def test_cli_spills_rejects_and_is_deterministic(base_dirs, tmp_path, capsys):
 
 
 def test_a_large_input_streams_in_bounded_memory(base_dirs, tmp_path):
-    """A 256 MB log (6.7M events) against a 1 MB one, each in a fresh comet-prep process: with
-    spill buckets of 8 MB the peak RSS stays within a fixed margin, where holding the events would
-    take several times the input (over 1 GB more)."""
+    """A 256 MB log against a 1 MB one, each in a fresh comet-prep process: with spill buckets of 8 MB
+    the peak RSS stays within a fixed margin, where holding the events would take several times the
+    input."""
     from comet_ds.bench.prep import run_prep, write_user_behavior_csv
 
     peaks = {}

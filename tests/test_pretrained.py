@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from helpers import finite_logits, trained_like
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from comet_ds.cli import main
@@ -21,20 +22,10 @@ from comet_ds.modeling.tiny_base import init_base
 CONFIG = CometConfig(chunk_size=16, global_slots=4, temp_stride=4, temp_budget=6)
 
 
-def trained_like(model):
-    """Move every trainable weight away from its init so a lost weight would show in the logits."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def logits_of(model, ids):
     chunks = ChunkLayout(model.config, model.tokens).layout([ids])
     with torch.no_grad():
-        return torch.nan_to_num(torch.cat(model(chunks, return_logits=True).logits, dim=1), neginf=0.0)
+        return finite_logits(model(chunks, return_logits=True).logits)
 
 
 IDS = list(range(10, 80))
@@ -81,7 +72,7 @@ def test_tampered_memory_weights_are_named(base_dirs, tmp_path):
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
     save_comet(model, tokenizer, tmp_path / "adapter", FinetuneSettings(), base_dirs["llama"])
     meta = json.loads((tmp_path / "adapter" / COMET_CONFIG).read_text())
-    meta["comet"]["temp_stride"] = -1  # config now says: no temporary memory networks
+    meta["comet"]["temp_stride"] = -1  # the config then says: no temporary memory networks
     meta["comet"]["temp_budget"] = 0
     (tmp_path / "adapter" / COMET_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"unexpected .*temp_memory"):

@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 from datasets import Dataset, load_from_disk
+from helpers import refusal, untrained_adapter, write_run
 from transformers import AutoTokenizer
 
 from comet_ds.cli import main as comet_main
 from comet_ds.config import CheckpointMismatchError, CometConfig
 from comet_ds.eval.passkey import evaluate_passkey
 from comet_ds.infer.generate import StreamingGenerator
-from comet_ds.modeling.finetune import FinetuneSettings
-from comet_ds.modeling.pretrained import COMET_CONFIG, base_weights_fingerprint, build_comet, load_comet, save_comet
+from comet_ds.modeling.pretrained import COMET_CONFIG, base_weights_fingerprint, load_comet
 from comet_ds.modeling.tiny_base import init_base
 from comet_ds.modeling.tokens import extend_tokenizer, inserted_tokens
 from comet_ds.train.data import check_token_ids
@@ -27,7 +26,6 @@ from data_prep.cli import main as prep_main
 from data_prep.output import tokenizer_fingerprint
 
 CONFIG = CometConfig(chunk_size=64, global_slots=4, temp_stride=8, temp_budget=16)
-REPO = Path(__file__).resolve().parents[1]
 CONTROL = "<beacon> and <|memory|> and <beacon_3> and </s> and <s>"
 
 
@@ -84,13 +82,13 @@ def test_comet_prep_encodes_control_token_strings_as_text(base_dirs, comet_token
     assert_no_special_ids(out, tokenizer)
 
 
-def test_generate_encodes_a_prompt_with_control_token_strings_as_text(base_dirs, tmp_path, monkeypatch):
-    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
-    save_comet(model, tokenizer, tmp_path / "adapter", FinetuneSettings(), base_model=base_dirs["llama"])
+def test_generate_encodes_a_prompt_with_control_token_strings_as_text(adapter_and_other_base, monkeypatch):
+    adapter = str(adapter_and_other_base[0])
     prompts = []
     monkeypatch.setattr(StreamingGenerator, "generate", lambda self, prompt, settings: prompts.append(prompt) or [])
-    comet_main(["generate", "--model", str(tmp_path / "adapter"), "--prompt", CONTROL, "--device", "cpu"])
-    assert prompts and not set(prompts[0]) & special_ids(str(tmp_path / "adapter")) - {tokenizer.bos_token_id}
+    comet_main(["generate", "--model", adapter, "--prompt", CONTROL, "--device", "cpu"])
+    bos = AutoTokenizer.from_pretrained(adapter).bos_token_id
+    assert prompts and not set(prompts[0]) & special_ids(adapter) - {bos}
 
 
 def test_passkey_eval_encodes_its_text_as_text(comet_tokenizer_dir, monkeypatch):
@@ -101,21 +99,8 @@ def test_passkey_eval_encodes_its_text_as_text(comet_tokenizer_dir, monkeypatch)
     assert len(prompts) == 2 and not {i for p in prompts for i in p} & special_ids(comet_tokenizer_dir)
 
 
-def write_run(tmp_path, base: str, data: str, **top) -> str:
-    config = {"base_model": base, "dataset": data, "output_dir": str(tmp_path / "run"),
-              "deepspeed_config": str(REPO / "ds_configs" / "cpu_fp32_2stage.json"),
-              "comet": {"chunk_size": 64, "global_slots": 4, "temp_stride": 8, "temp_budget": 16}, **top}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    return str(tmp_path / "run.yaml")
-
-
-def dry_run_error(config: str, capsys) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        comet_main(["train", "--config", config, "--dry-run"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
-    return err
+def dry_run_error(config: Path, capsys) -> str:
+    return refusal(capsys, lambda: comet_main(["train", "--config", str(config), "--dry-run"]))
 
 
 @pytest.mark.parametrize(("bad_id", "message"), [
@@ -156,23 +141,23 @@ def test_train_refuses_a_dataset_of_another_tokenizer(base_dirs, tmp_path, capsy
     err = dry_run_error(write_run(tmp_path, base_dirs["llama"], str(tmp_path / "data")), capsys)
     assert tokenizer_fingerprint(other) in err and tokenizer_fingerprint(base_dirs["llama"]) in err
     assert "allow_tokenizer_mismatch" in err
-    comet_main(["train", "--config", write_run(tmp_path, base_dirs["llama"], str(tmp_path / "data"),
-                                               allow_tokenizer_mismatch=True), "--dry-run"])
+    comet_main(["train", "--config", str(write_run(tmp_path, base_dirs["llama"], str(tmp_path / "data"),
+                                                   allow_tokenizer_mismatch=True)), "--dry-run"])
 
 
 def test_train_accepts_a_dataset_of_the_base_tokenizer(base_dirs, tmp_path, capsys):
     prep_main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "300", "--depths", "1",
                "--output", str(tmp_path / "data")])
-    comet_main(["train", "--config", write_run(tmp_path, base_dirs["llama"], str(tmp_path / "data")), "--dry-run"])
+    comet_main(["train", "--config", str(write_run(tmp_path, base_dirs["llama"], str(tmp_path / "data"))),
+                "--dry-run"])
     assert "memory estimate" in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
 def adapter_and_other_base(base_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter")
-    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
-    save_comet(model, tokenizer, root / "adapter", FinetuneSettings(), base_model=base_dirs["llama"])
-    return root / "adapter", str(init_base(root / "other-base", "llama", num_layers=2, seed=1, progress=False))
+    return (untrained_adapter(base_dirs["llama"], CONFIG, root / "adapter"),
+            str(init_base(root / "other-base", "llama", num_layers=2, seed=1, progress=False)))
 
 
 def test_an_adapter_on_another_base_is_refused_naming_both_fingerprints(base_dirs, adapter_and_other_base):
@@ -186,13 +171,13 @@ def test_an_adapter_on_another_base_is_refused_naming_both_fingerprints(base_dir
 
 
 def test_an_adapter_without_a_base_fingerprint_loads_with_a_warning(adapter_and_other_base, tmp_path):
-    old = tmp_path / "old-adapter"
-    shutil.copytree(adapter_and_other_base[0], old)
-    meta = json.loads((old / COMET_CONFIG).read_text())
+    unfingerprinted = tmp_path / "unfingerprinted"
+    shutil.copytree(adapter_and_other_base[0], unfingerprinted)
+    meta = json.loads((unfingerprinted / COMET_CONFIG).read_text())
     del meta["base_weights_sha256"]
-    (old / COMET_CONFIG).write_text(json.dumps(meta))
+    (unfingerprinted / COMET_CONFIG).write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="records no fingerprint of its base"):
-        load_comet(old)
+        load_comet(unfingerprinted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_comet(adapter_and_other_base[0])

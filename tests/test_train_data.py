@@ -45,6 +45,10 @@ def test_grouped_order_is_seeded_and_resumes_at_any_step():
     assert run(seed=5) != run(seed=6)
 
 
-def test_ungrouped_batches_mix_lengths():
+def test_ungrouped_batches_cover_each_row_once_an_epoch_and_mix_lengths():
     sampler = StepSampler(mixed_dataset(), 1, 6, seed=5)
-    assert any(len({len(r) for r in sampler.batch(step, 0).input_ids}) > 1 for step in range(3))
+    batches = [sampler.batch(step, 0).input_ids for step in range(6)]  # 18 rows, 6 a step: 3 steps an epoch
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(row[0] for batch in epoch for row in batch) == list(range(len(LENGTHS)))
+    assert [row[0] for row in batches[0]] != [row[0] for row in batches[3]]  # each epoch its own order
+    assert any(len({len(r) for r in batch}) > 1 for batch in batches)

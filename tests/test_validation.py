@@ -7,27 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO, refusal, save_dataset, write_run
 
 from comet_ds.cli import main
 from comet_ds.config import CometConfig, CometConfigError
 from comet_ds.infer.generate import SamplingSettings
 from comet_ds.resources import free_port
 from comet_ds.train.config import RunConfig, load_run_config
-from data_prep.cli import main as prep_main
 
-REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    """What `comet-ds ARGV` prints, asserting it is one line and exit code 2."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    return err
 
 
 # -- the DeepSpeed config ---------------------------------------------------------------------------
@@ -83,7 +71,7 @@ def test_an_unknown_deepspeed_config_name_lists_the_packaged_ones(tmp_path, caps
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"base_model": "base", "dataset": "data", "output_dir": str(tmp_path / "out"),
                                       "deepspeed_config": deepspeed_config}))
-    err = one_error_line(capsys, ["train", "--config", str(config), "--dry-run"])
+    err = refusal(capsys, lambda: main(["train", "--config", str(config), "--dry-run"]))
     assert f"deepspeed_config {deepspeed_config!r} is not a packaged DeepSpeed config; name one of " \
            "cpu_fp32_2stage, gpu_bf16_4stage, gpu_bf16_8stage or give the path of a .json file" in err
 
@@ -145,41 +133,11 @@ def test_run_config_file_of_the_wrong_shape_is_refused(tmp_path, text, message):
 def test_unreadable_run_config_is_one_line(tmp_path, capsys, make, message):
     path = tmp_path / "run.yaml"
     make(path)
-    err = one_error_line(capsys, ["train", "--config", str(path), "--dry-run"])
+    err = refusal(capsys, lambda: main(["train", "--config", str(path), "--dry-run"]))
     assert str(path) in err and message in err
 
 
 # -- datasets and the launcher (through `comet-ds train`) -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def passkey_data(base_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "passkey"
-    prep_main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "300", "--depths", "2",
-               "--samples-per-cell", "1", "--output", str(out)])
-    return str(out)
-
-
-def write_run(tmp_path: Path, base: str, data: str, deepspeed: dict | None = None, **train) -> Path:
-    deepspeed_path = REPO / "ds_configs" / "cpu_fp32_2stage.json"
-    if deepspeed is not None:
-        deepspeed_path = tmp_path / "ds.json"
-        deepspeed_path.write_text(json.dumps(deepspeed))
-    config = {"base_model": base, "dataset": data, "output_dir": str(tmp_path / "run"),
-              "deepspeed_config": str(deepspeed_path),
-              "comet": {"chunk_size": 64, "global_slots": 4, "temp_stride": 8, "temp_budget": 16},
-              "train": {"steps": 2, **train}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def save_dataset(path: Path, input_ids: list[list[int]], labels: list[list[int]]) -> str:
-    from datasets import Dataset, Features, List, Value
-
-    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int32"))})
-    Dataset.from_dict({"input_ids": input_ids, "labels": labels}, features=features).save_to_disk(str(path))
-    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -194,8 +152,8 @@ def save_dataset(path: Path, input_ids: list[list[int]], labels: list[list[int]]
 def test_dataset_with_nothing_to_train_is_refused_in_preflight(base_dirs, tmp_path, capsys, rows, max_tokens,
                                                                message):
     data = save_dataset(tmp_path / "data", *rows)
-    path = write_run(tmp_path, base_dirs["llama"], data, max_tokens=max_tokens)
-    err = one_error_line(capsys, ["train", "--config", str(path), "--dry-run"])
+    path = write_run(tmp_path, base_dirs["llama"], data, train={"max_tokens": max_tokens})
+    err = refusal(capsys, lambda: main(["train", "--config", str(path), "--dry-run"]))
     assert f"dataset {data} {message}" in err
 
 
@@ -203,7 +161,7 @@ def test_train_without_the_launcher_says_how_to_launch(base_dirs, passkey_data, 
     for name in LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     path = write_run(tmp_path, base_dirs["llama"], passkey_data)
-    err = one_error_line(capsys, ["train", "--config", str(path)])
+    err = refusal(capsys, lambda: main(["train", "--config", str(path)]))
     assert "deepspeed --num_gpus N --module comet_ds.cli train --config" in err
     assert "launch/single_node.sh --procs N --config" in err
     assert not (tmp_path / "run").exists()
@@ -220,16 +178,20 @@ def test_train_with_half_precision_on_a_cpu_is_refused_before_the_process_group(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     deepspeed = {"pipeline": {"stages": 2}, "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
     path = write_run(tmp_path, base_dirs["llama"], passkey_data, deepspeed=deepspeed)
-    err = one_error_line(capsys, ["train", "--config", str(path)])
+    err = refusal(capsys, lambda: main(["train", "--config", str(path)]))
     assert "enables bf16, which needs a GPU, and none is visible" in err and "deepspeed_config: cpu_fp32_2stage" in err
 
 
-def test_launcher_environment_is_accepted(monkeypatch):
+def test_the_launcher_check_names_exactly_the_variables_missing(monkeypatch):
     from comet_ds.train.loop import require_launcher
 
     for name, value in zip(LAUNCHER_VARIABLES, ("1", "2", "1")):
         monkeypatch.setenv(name, value)
-    require_launcher()
+    assert require_launcher() is None
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(CometConfigError, match=r"runs under a launcher, which sets RANK, LOCAL_RANK: start it"):
+        require_launcher()
 
 
 # -- command-line numbers and sampling settings -----------------------------------------------------
@@ -284,12 +246,13 @@ def test_comet_config_refuses_an_infinite_learning_rate_multiplier():
 
 
 def test_empty_prompt_is_refused(capsys):
-    err = one_error_line(capsys, ["generate", "--model", "nowhere", "--prompt", ""])
+    err = refusal(capsys, lambda: main(["generate", "--model", "nowhere", "--prompt", ""]))
     assert "--prompt is empty" in err
 
 
 def test_generate_output_that_is_a_directory_is_refused_before_loading(tmp_path, capsys):
-    err = one_error_line(capsys, ["generate", "--model", "nowhere", "--prompt", "x", "--output", str(tmp_path)])
+    err = refusal(capsys, lambda: main(["generate", "--model", "nowhere", "--prompt", "x", "--output",
+                                        str(tmp_path)]))
     assert f"--output {tmp_path} is a directory" in err
 
 
@@ -297,7 +260,7 @@ def test_generate_output_that_is_a_directory_is_refused_before_loading(tmp_path,
 def test_prompts_file_with_a_bad_prompt_names_the_line(tmp_path, capsys, value):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "fine"}) + "\n\n" + json.dumps({"prompt": value}) + "\n")
-    err = one_error_line(capsys, ["generate", "--model", "nowhere", "--prompts", str(prompts)])
+    err = refusal(capsys, lambda: main(["generate", "--model", "nowhere", "--prompts", str(prompts)]))
     assert f"{prompts}:3: " in err and "non-empty string" in err
 
 
@@ -313,5 +276,5 @@ def test_prompts_file_with_a_bad_prompt_names_the_line(tmp_path, capsys, value):
 def test_unreadable_prompts_file_is_one_line(tmp_path, capsys, make, message):
     prompts = tmp_path / "prompts.jsonl"
     make(prompts)
-    err = one_error_line(capsys, ["generate", "--model", "nowhere", "--prompts", str(prompts)])
+    err = refusal(capsys, lambda: main(["generate", "--model", "nowhere", "--prompts", str(prompts)]))
     assert "comet-ds: error: " in err and message in err

@@ -89,7 +89,7 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
         reset_peak_memory()
         in_use = memory_in_use_mib()
         begin, correct, rows, retrieved = time.perf_counter(), {}, [], 0
-        # counted in tokens: a 1M-token prompt takes over a minute, and tokens/s is the figure to watch
+        # counted in tokens, not samples: one long prompt is a long wait, and tokens/s is the figure to watch
         bar = tqdm(total=length * len(depths) * samples, desc=f"{length:,} tokens", unit="tok", unit_scale=True,
                    leave=False, dynamic_ncols=True)
         for depth in depths:

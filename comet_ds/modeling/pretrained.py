@@ -84,7 +84,7 @@ def _file_sha256(path: Path, cache: dict[str, dict[str, Any]]) -> str:
 def base_weights_fingerprint(base: str | Path) -> str:
     """sha256 over the names and sha256s of a base model directory's weight files: the exact weights an
     adapter was trained on. A file's hash is cached on disk, keyed by path, size and modification time:
-    hashing a multi-GB base takes tens of seconds, and it is fingerprinted at every checkpoint and load."""
+    hashing a multi-GB base is slow, and it is fingerprinted at every checkpoint and load."""
     cache_file = _cache_dir() / "weights-sha256.json"
     try:
         cache = json.loads(cache_file.read_text())
