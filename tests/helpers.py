@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,6 +82,13 @@ def write_short_run(directory: Path, base: str, data: str, **train) -> Path:
     """A run short enough to train in a test: 8 steps, a checkpoint every 2; `train` overrides."""
     return write_run(directory, base, data, train={"steps": 8, "lr": 5e-3, "warmup_steps": 1, "grad_clip": 1.0,
                                                    "save_every": 2, **train})
+
+
+def interruptible(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`command` started with Ctrl-C's default action restored: a shell's background job inherits SIGINT
+    ignored, and Python then never raises KeyboardInterrupt, so a SIGINT test would wait forever."""
+    return subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def torchrun(config: Path, *extra: str) -> list[str]:

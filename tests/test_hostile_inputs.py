@@ -4,13 +4,12 @@ loads where it can be checked then; never a traceback, never lost work, never da
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import TRAJECTORY, refusal, save_dataset, write_run
+from helpers import TRAJECTORY, interruptible, refusal, save_dataset, write_run
 
 from comet_ds.cli import main as comet_ds
 from data_prep.cli import main as prep
@@ -177,9 +176,8 @@ def test_an_interrupted_init_base_leaves_no_scratch(tmp_path, signum):
     parent = tmp_path / "out"
     parent.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "comet_ds", "init-base", "--out", str(parent / "base"),
-                                "--layers", "1", "--pretrain-steps", "100000"], stderr=subprocess.PIPE, text=True,
-                               env=env)
+    process = interruptible([sys.executable, "-m", "comet_ds", "init-base", "--out", str(parent / "base"),
+                             "--layers", "1", "--pretrain-steps", "100000"], env)
     deadline = time.monotonic() + 60
     while not list(parent.glob(".base.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

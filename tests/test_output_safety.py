@@ -5,12 +5,11 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
-from helpers import TRAJECTORY, refusal
+from helpers import TRAJECTORY, interruptible, refusal
 
 from comet_ds.cli import main as comet_ds
 from data_prep.cli import main as prep
@@ -196,9 +195,9 @@ def test_an_interrupted_prep_leaves_no_scratch_or_spill(base_dirs, tmp_path, sig
     parent.mkdir()
     spill.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "data_prep", "user-behavior", str(source), "--tokenizer",
-                                base_dirs["llama"], "--output", str(parent / "users"), "--spill-dir", str(spill),
-                                "--bucket-mb", "1", "--quiet"], stderr=subprocess.PIPE, text=True, env=env)
+    process = interruptible([sys.executable, "-m", "data_prep", "user-behavior", str(source), "--tokenizer",
+                             base_dirs["llama"], "--output", str(parent / "users"), "--spill-dir", str(spill),
+                             "--bucket-mb", "1", "--quiet"], env)
     deadline = time.monotonic() + 60
     while not list(parent.glob(".users.tmp-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
