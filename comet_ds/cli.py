@@ -334,10 +334,15 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    from comet_ds.config import CometInputError
     from comet_ds.demo import run_demo
 
-    run_demo(args.out, overwrite=args.overwrite, arch=args.arch, pretrain_steps=args.pretrain_steps,
-             steps=args.steps, train_tokens=args.train_tokens, tokens=args.tokens, threads=args.threads)
+    if args.pretrain_steps is None and args.arch != "llama":
+        raise CometInputError(f"the shipped tiny base is a llama: give --pretrain-steps to build a {args.arch} one "
+                              "(copying a key back in context takes about 2,500 steps)")
+    run_demo(args.out, overwrite=args.overwrite, arch=args.arch, pretrain_steps=args.pretrain_steps, scale=args.scale,
+             seed=args.seed, tokens=args.tokens, eval_samples=args.eval_samples, eval_up_to=args.eval_up_to,
+             threads=args.threads)
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -519,19 +524,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_prep)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny local base (CPU, minutes)",
-                       description="Build a tiny base and passkey data, fine-tune CoMeT + LoRA on 2 DeepSpeed "
-                                   "pipeline stages through the deepspeed launcher with MLflow tracking, reload "
-                                   "and export the adapter, stream a long sequence in constant memory, generate, "
-                                   "and evaluate passkey retrieval up to 32x the training length.\n\n"
-                                   "example: comet-ds demo --out runs/demo",
+                       description="Start from the tiny base shipped with the package and train the staged "
+                                   "passkey recipe (comet_ds/configs/run/passkey_recipe.yaml): for each stage, "
+                                   "passkey data from comet-prep, then CoMeT + LoRA on 2 DeepSpeed pipeline stages "
+                                   "through the deepspeed launcher with MLflow tracking. Then reload and export the "
+                                   "adapter, stream a long sequence in constant memory, generate, and evaluate "
+                                   "passkey retrieval from 1x to 32x the training length.\n\n"
+                                   "example: comet-ds demo --out runs/demo\n"
+                                   "         comet-ds demo --out runs/demo-s1 --seed 1   (another seed, same recipe)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory, new or empty (default: runs/demo)")
     _add_overwrite(p, "start over in --out if an earlier demo wrote it, replacing everything that demo wrote")
     p.add_argument("--arch", choices=demo.ARCHITECTURES, default="llama")
-    p.add_argument("--pretrain-steps", type=non_negative_int, default=400,
-                   help="pretraining steps of the tiny base (default: 400)")
-    p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
-    p.add_argument("--train-tokens", type=positive_int, default=1024, help="tokens per training sample (default: 1024)")
+    p.add_argument("--pretrain-steps", type=non_negative_int,
+                   help="build the tiny base here, pretrained this many steps, instead of using the shipped one "
+                        "(which --arch llama uses by default; other architectures need this)")
+    p.add_argument("--scale", type=positive_float, default=1.0,
+                   help="multiplies every recipe stage's steps (default: 1; comet_ds/configs/run/passkey_recipe.yaml)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training data and the training run (default: 0)")
+    p.add_argument("--eval-samples", type=positive_int, default=4,
+                   help="passkey samples per depth and length in the evaluation (default: 4)")
+    p.add_argument("--eval-up-to", type=positive_int, default=32, metavar="X",
+                   help="evaluate at 1x, 2x, 4x, ... up to X times the training length (default: 32)")
     p.add_argument("--tokens", type=positive_int, default=32768,
                    help="tokens to stream after training (default: 32768)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads outside training (default: 2)")

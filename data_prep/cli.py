@@ -107,6 +107,19 @@ def _summary(noun: str, read: int, writer: DatasetWriter, too_long: int) -> str:
             f"{writer.samples} samples{left_out}")
 
 
+def _held_out_keys(path: str | None) -> frozenset[str]:
+    """The keys in a --hold-out-keys file: one decimal key a line, blank lines ignored."""
+    if path is None:
+        return frozenset()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"comet-prep: --hold-out-keys {path}: cannot read it ({error})") from None
+    if bad := next((line for line in lines if not line.isdecimal()), None):
+        raise SystemExit(f"comet-prep: --hold-out-keys {path}: {bad[:40]!r} is not a key (one number a line)")
+    return frozenset(lines)
+
+
 def cmd_retrieval(args: argparse.Namespace) -> None:
     """passkey and needle."""
     from data_prep import jobs
@@ -117,13 +130,15 @@ def cmd_retrieval(args: argparse.Namespace) -> None:
     _check_tokenizer(args)
     rng = random.Random(args.seed)  # one seed per sample: the same samples at any --num-proc
     cells = itertools.product(args.lengths, args.depths, range(args.samples_per_cell))
-    tasks = [(i, args.command, length, depth, rng.randrange(2**63)) for i, (length, depth, _) in enumerate(cells)]
+    held_out = _held_out_keys(args.hold_out_keys)
+    tasks = [(i, args.command, length, depth, rng.randrange(2**63), held_out)
+             for i, (length, depth, _) in enumerate(cells)]
     with _writer(args, keep_rejects=False) as writer:
         rows = ordered_map(jobs.retrieval_row, tasks, args.num_proc, args.tokenizer)
         for row in tqdm(rows, total=len(tasks), unit=" samples", disable=args.quiet):
             writer.add(row)
         manifest = writer.finish({"source": args.command, "lengths": args.lengths, "depths": args.depths,
-                                  "seed": args.seed})
+                                  "seed": args.seed, "held_out_keys": len(held_out)})
     print(f"wrote {manifest['samples']} {args.command} samples ({manifest['tokens']['total']:,} tokens) "
           f"to {args.output}")
 
@@ -232,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "0.25-0.5 that each sample draws its depth from uniformly (default: 0.5)")
         p.add_argument("--samples-per-cell", type=positive_int, default=1,
                        help="samples per (length, depth) (default: 1)")
+        p.add_argument("--hold-out-keys", metavar="FILE",
+                       help="keys no sample may use, one a line: an evaluation's, so that it scores keys never "
+                            "seen in training (comet-ds demo writes its evaluation's keys this way)")
         p.set_defaults(func=cmd_retrieval)
 
     p = sub.add_parser("agent-logs", help="agent trajectories (OpenAI, ShareGPT, CoMeT chat JSONL) → SFT and QA",

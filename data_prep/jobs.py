@@ -37,13 +37,13 @@ def _row(ids: Sequence[int], labels: Sequence[int], max_tokens: int | None, text
             "text": worker_tokenizer().decode(list(ids)) if text is None else text}
 
 
-def retrieval_row(task: tuple[int, str, int, DepthSpec, int]) -> Row:
-    """One passkey or needle sample; `task` is (index, kind, length, depth or depth range, seed)."""
-    index, kind, length, spec, seed = task
+def retrieval_row(task: tuple[int, str, int, DepthSpec, int, frozenset[str]]) -> Row:
+    """One passkey or needle sample; `task` is (index, kind, length, depth or depth range, seed, held-out keys)."""
+    index, kind, length, spec, seed, held_out = task
     make = {"passkey": passkey_sample, "needle": needle_sample}[kind]
     rng = random.Random(seed)
     depth = draw_depth(spec, rng)
-    sample = make(worker_tokenizer(), length, depth, rng)
+    sample = make(worker_tokenizer(), length, depth, rng, held_out=held_out)
     return _row(sample.input_ids, sample.labels, None, text=sample.text, source=kind, sample_id=f"{kind}-{index}",
                 answer=sample.passkey, depth=depth, length=length)
 

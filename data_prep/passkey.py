@@ -64,23 +64,37 @@ def _hidden_fact(tokenizer: Encoder, length: int, depth: float, instruction: str
     return ids, labels
 
 
-def passkey_sample(tokenizer: Encoder, length: int, depth: float,
-                   rng: random.Random, with_text: bool = True) -> PasskeySample:
-    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end).
+PASSKEY_RANGE = (10000, 99999)  # 5-digit keys
+
+
+def draw_key(rng: random.Random, low: int, high: int, held_out: frozenset[str] = frozenset()) -> str:
+    """A key drawn uniformly from [low, high], drawn again while it is one of `held_out` (an evaluation's keys,
+    which training data must not contain). With nothing held out it takes exactly one draw from `rng`."""
+    key = str(rng.randint(low, high))
+    while key in held_out:
+        key = str(rng.randint(low, high))
+    return key
+
+
+def passkey_sample(tokenizer: Encoder, length: int, depth: float, rng: random.Random, with_text: bool = True,
+                   held_out: frozenset[str] = frozenset()) -> PasskeySample:
+    """One sample of exactly `length` tokens with the passkey at `depth` (0 = start, 1 = end), never one of
+    the `held_out` keys.
 
     with_text=False leaves `text` empty: decoding a million tokens costs more memory than the
     sample itself, and evaluation needs the ids alone.
     """
-    key = str(rng.randint(10000, 99999))
+    key = draw_key(rng, *PASSKEY_RANGE, held_out)
     ids, labels = _hidden_fact(tokenizer, length, depth, INSTRUCTION, FILLER, NEEDLE.format(key=key), QUESTION, key,
                                "passkey")
     return PasskeySample(ids, labels, tokenizer.decode(ids) if with_text else "", key, depth)
 
 
-def needle_sample(tokenizer: Encoder, length: int, depth: float,
-                  rng: random.Random) -> PasskeySample:
+def needle_sample(tokenizer: Encoder, length: int, depth: float, rng: random.Random,
+                  held_out: frozenset[str] = frozenset()) -> PasskeySample:
     """RULER-style single needle: a 7-digit magic number for a named key, asked back by that name."""
-    word, key = rng.choice(NEEDLE_WORDS), str(rng.randint(1_000_000, 9_999_999))
+    word = rng.choice(NEEDLE_WORDS)
+    key = draw_key(rng, 1_000_000, 9_999_999, held_out)
     ids, labels = _hidden_fact(tokenizer, length, depth, NEEDLE_INSTRUCTION, NEEDLE_FILLER,
                                NEEDLE_FACT.format(word=word, key=key), NEEDLE_QUESTION.format(word=word), key,
                                "needle")

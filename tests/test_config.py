@@ -6,6 +6,7 @@ from typing import Optional
 import pytest
 
 from comet_ds.config import CometConfig, CometConfigError, CometTokens, _known_fields
+from comet_ds.configs import example_run_config
 
 
 @pytest.mark.parametrize(
@@ -65,8 +66,8 @@ def test_tokens_must_match_the_number_of_global_slots():
 def test_run_config_values_are_typed_and_wrong_types_name_the_setting():
     from comet_ds.train.config import load_run_config
 
-    stage = Path(__file__).resolve().parents[1] / "launch" / "examples" / "passkey_stage.yaml"
-    run = load_run_config(stage, ["train.lr=1e-3", "train.max_tokens=null", "tracking.run_name=2024"])
+    example = Path(str(example_run_config()))
+    run = load_run_config(example, ["train.lr=1e-3", "train.max_tokens=null", "tracking.run_name=2024"])
     assert run.train.lr == 0.001 and isinstance(run.train.lr, float)  # YAML 1.1 reads 1e-3 as a string
     assert run.train.max_tokens is None and run.tracking.run_name == "2024"
     for override, message in [("train.lr=fast", "train.lr must be a number (got 'fast')"),
@@ -75,7 +76,7 @@ def test_run_config_values_are_typed_and_wrong_types_name_the_setting():
                               ("pipeline.bptt_window=all", "bptt_window must be a whole number or null"),
                               ("comet.chunk_size=[1]", "comet.chunk_size must be a whole number")]:
         with pytest.raises(CometConfigError, match=re.escape(message)):
-            load_run_config(stage, [override])
+            load_run_config(example, [override])
 
 
 # this module does not postpone annotations (no `from __future__ import annotations`), so these field

@@ -9,8 +9,9 @@ from transformers import AutoTokenizer
 
 from comet_ds.cli import main
 from comet_ds.config import CometConfig
-from comet_ds.eval.passkey import KEY_TOKENS, evaluate_passkey
+from comet_ds.eval.passkey import KEY_TOKENS, evaluate_passkey, evaluation_keys
 from comet_ds.eval.qa import evaluate_qa, normalize, token_f1
+from comet_ds.eval.report import loss_curves, stage_losses
 from data_prep.cli import main as prep_main
 
 CONFIG = CometConfig(chunk_size=64, global_slots=4, temp_stride=8, temp_budget=16)
@@ -138,6 +139,7 @@ def test_passkey_accuracy_of_known_answers(base_dirs):
     assert short.accuracy_by_depth == {0.0: 1.0, 0.5: 0.5, 1.0: 0.0} and short.accuracy == 0.5
     assert [(s["depth"], s["correct"]) for s in short.samples] == [
         (0.0, True), (0.0, True), (0.5, True), (0.5, False), (1.0, False), (1.0, False)]
+    assert [s["passkey"] for s in short.samples] == evaluation_keys([200], [0.0, 0.5, 1.0], 2, seed=0)
     assert short.skipped is None and long.skipped == "too long for this test"
     assert long.accuracy_by_depth == {} and math.isnan(long.accuracy)
     assert "accuracy  50.0%" in printed[0] and "skipped (too long for this test)" in printed[1]
@@ -147,3 +149,12 @@ def test_answer_normalisation_and_f1():
     assert normalize("The  Pass-key, is: 12345!") == "passkey is 12345"
     assert token_f1("the key is 12345", "12345") == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
     assert token_f1("", "") == 1.0 and token_f1("abc", "") == 0.0
+
+
+def test_stage_losses_continue_the_step_count_across_stages(tmp_path):
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text('{"step": 25, "loss": 1.9}\n{"step": 50, "loss": 1.2}\n')
+    second.write_text('{"step": 25, "loss": 0.5}\n\n{"step": 40, "loss": 0.1}\n{"step": 40, "adapter": "a"}\n')
+    assert stage_losses([first, second]) == [(25, 1.9), (50, 1.2), (75, 0.5), (90, 0.1)]
+    loss_curves({"seed 0": [first, second]}, tmp_path / "curve.png", "two stages")
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

@@ -91,3 +91,21 @@ def test_bad_depth_ranges_are_one_usage_line(base_dirs, tmp_path, capsys, bad):
         main(["passkey", "--tokenizer", base_dirs["llama"], "--depths", bad, "--output", str(tmp_path / "x")])
     assert exit_info.value.code == 2
     assert "argument --depths: depth" in capsys.readouterr().err
+
+
+def test_held_out_keys_never_appear_and_every_other_sample_is_unchanged(base_dirs, tmp_path, capsys):
+    def answers(out: Path, *extra: str) -> list[str]:
+        main(["passkey", "--tokenizer", base_dirs["llama"], "--lengths", "200", "--depths", "4",
+              "--samples-per-cell", "3", "--seed", "5", "--quiet", "--output", str(out), *extra])
+        return load_from_disk(str(out / "data"))["answer"]
+
+    free = answers(tmp_path / "free")
+    held_out = free[::2]  # every other sample's key
+    (tmp_path / "keys.txt").write_text("\n".join(held_out) + "\n")
+    kept = answers(tmp_path / "kept", "--hold-out-keys", str(tmp_path / "keys.txt"))
+    assert not set(kept) & set(held_out)
+    assert kept[1::2] == free[1::2]  # a sample whose key was not held out draws the same one
+    assert json.loads((tmp_path / "kept" / "manifest.json").read_text())["held_out_keys"] == len(set(held_out))
+    (tmp_path / "bad.txt").write_text("12345\nnot-a-key\n")
+    with pytest.raises(SystemExit, match="'not-a-key' is not a key"):
+        answers(tmp_path / "bad", "--hold-out-keys", str(tmp_path / "bad.txt"))

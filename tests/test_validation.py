@@ -11,6 +11,7 @@ from helpers import REPO, refusal, save_dataset, write_run
 
 from comet_ds.cli import main
 from comet_ds.config import CometConfig, CometConfigError
+from comet_ds.configs import example_run_config
 from comet_ds.infer.generate import SamplingSettings
 from comet_ds.resources import free_port
 from comet_ds.train.config import RunConfig, load_run_config
@@ -79,7 +80,7 @@ def test_an_unknown_deepspeed_config_name_lists_the_packaged_ones(tmp_path, caps
 # -- the run config ---------------------------------------------------------------------------------
 
 
-STAGE = REPO / "launch" / "examples" / "passkey_stage.yaml"
+EXAMPLE = Path(str(example_run_config()))
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ STAGE = REPO / "launch" / "examples" / "passkey_stage.yaml"
 )
 def test_run_config_values_out_of_range_name_the_setting(override, message):
     with pytest.raises(CometConfigError) as err:
-        load_run_config(STAGE, [override])
+        load_run_config(EXAMPLE, [override])
     assert message in str(err.value)
 
 
@@ -109,8 +110,8 @@ def test_run_config_values_out_of_range_name_the_setting(override, message):
     [
         ("- base_model: x\n", "must be a mapping of settings at the top level (got a list)"),
         ("42\n", "must be a mapping of settings at the top level (got 42)"),
-        (STAGE.read_text() + "train:\n  steps: 3\n",
-         f"repeats the key 'train' (line {len(STAGE.read_text().splitlines()) + 1})"),
+        (EXAMPLE.read_text() + "train:\n  steps: 3\n",
+         f"repeats the key 'train' (line {len(EXAMPLE.read_text().splitlines()) + 1})"),
         ("base_model: a\ncomet: {chunk_size: 8, chunk_size: 16}\n", "repeats the key 'chunk_size' (line 2)"),
     ],
 )
@@ -204,7 +205,8 @@ def test_the_launcher_check_names_exactly_the_variables_missing(monkeypatch):
         ["eval", "passkey", "--model", "m", "--threads", "0"],
         ["eval", "qa", "--model", "m", "--data", "d", "--max-new-tokens", "0"],
         ["demo", "--threads", "0"],
-        ["demo", "--steps", "-1"],
+        ["demo", "--scale", "0"],
+        ["demo", "--eval-samples", "0"],
         ["bench", "forward", "--threads", "0"],
         ["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "0"],
         ["generate", "--model", "m", "--prompt", "x", "--max-new-tokens", "-5"],

@@ -1,6 +1,6 @@
 """Config files shipped inside the package, so an installed comet_ds finds them as well as a checkout:
-DeepSpeed layouts in deepspeed/*.json (the checkout's ds_configs/ links here) and example run configs
-in run/*.yaml. A run config's deepspeed_config may name a packaged layout by its short name."""
+DeepSpeed layouts in deepspeed/*.json (the checkout's ds_configs/ links here), example run configs
+and the passkey recipe in run/*.yaml. A run config's deepspeed_config may name a packaged layout by its short name."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def packaged_deepspeed_config(name: str) -> Traversable:
         raise FileNotFoundError(f"deepspeed_config {name!r} is not a packaged DeepSpeed config; name one of "
                                 f"{', '.join(available)} or give the path of a .json file")
     return files(__name__) / "deepspeed" / f"{name}.json"
+
+
+def passkey_recipe() -> Traversable:
+    """The staged passkey recipe `comet-ds demo` runs: shared run settings and one entry per stage."""
+    return files(__name__) / "run" / "passkey_recipe.yaml"
 
 
 def example_run_config() -> Traversable:

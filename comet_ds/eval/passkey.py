@@ -20,7 +20,7 @@ from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
 from comet_ds.layout import IGNORE_INDEX
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.resources import memory_in_use_mib, peak_memory_mib, reset_peak_memory
-from data_prep.passkey import passkey_sample
+from data_prep.passkey import PASSKEY_RANGE, draw_key, passkey_sample
 from data_prep.tokens import TextEncoder
 
 KEY_TOKENS = 8  # greedy tokens generated per prompt: a 5-digit key and some slack
@@ -71,6 +71,16 @@ def full_attention_fits(model: PreTrainedModel, length: int, budget_gib: float) 
     if scores_gib * 3 > budget_gib:
         return f"attention scores alone need ~{scores_gib * 3:.1f} GiB (budget {budget_gib} GiB)"
     return None
+
+
+def evaluation_keys(lengths: list[int], depths: list[float], samples: int, seed: int) -> list[str]:
+    """The keys evaluate_passkey asks for with these settings, drawn as it draws them (one draw a sample),
+    so that training data can hold them out."""
+    keys = []
+    for length in lengths:
+        rng = random.Random(seed + length)
+        keys += [draw_key(rng, *PASSKEY_RANGE) for _ in range(len(depths) * samples)]
+    return keys
 
 
 def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,

@@ -61,6 +61,35 @@ def cost_plot(series: dict[str, list[LengthResult]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def stage_losses(metrics_files: list[Path]) -> list[tuple[int, float]]:
+    """(step, training loss) over consecutive stages' metrics.jsonl files, steps counted from the first
+    stage's start; an entry without a loss (a run's closing summary) is skipped."""
+    points, offset = [], 0
+    for path in metrics_files:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        stage = [(offset + row["step"], row["loss"]) for row in rows if "loss" in row and "step" in row]
+        points += stage
+        offset = stage[-1][0] if stage else offset
+    return points
+
+
+def loss_curves(runs: dict[str, list[Path]], path: Path, title: str) -> None:
+    """One training-loss line per run, each run the metrics.jsonl files of its stages in order."""
+    fig = Figure(figsize=(8, 4))
+    ax = fig.subplots()
+    for name, files in runs.items():
+        points = stage_losses(files)
+        ax.plot([step for step, _ in points], [loss for _, loss in points], label=name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step (all stages)")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def write_passkey_report(out: Path, comet: list[LengthResult], baseline: list[LengthResult] | None,
                          params: dict, experiment: str = "comet_ds-eval") -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
