@@ -55,11 +55,13 @@ def run_demo(out: str | Path, *, overwrite: bool, arch: str, pretrain_steps: int
     with step(_base_title(arch, pretrain_steps)):
         base = _build_base(out / "base", arch, pretrain_steps, overwrite)
     adapter = None
-    for stage in recipe["stages"]:
+    for index, stage in enumerate(recipe["stages"]):
         steps = max(2, round(stage["steps"] * scale))
         with step(f"stage {stage['name']}: {steps} steps of {stage['lengths']}-token passkey samples, key depths "
                   f"{stage['depths']} (comet-prep passkey, then comet-ds train on 2 pipeline stages)"):
-            run_config = _write_stage(out, base, recipe["run"], stage, steps, seed, adapter, held_out, overwrite)
+            # every stage of every seed draws samples (and keys) of its own
+            run_config = _write_stage(out, base, recipe["run"], stage, steps, seed, seed * 100 + index, adapter,
+                                      held_out, overwrite)
             _train(run_config)
         adapter = out / "stages" / stage["name"] / "adapter"
     curve = _plot_training(out, [stage["name"] for stage in recipe["stages"]], seed)
@@ -117,8 +119,8 @@ def _hold_out(folder: Path, lengths: list[int], samples: int) -> Path:
     return path
 
 
-def _write_stage(out: Path, base: Path, run: dict, stage: dict, steps: int, seed: int, init_from: Path | None,
-                 held_out: Path, overwrite: bool) -> Path:
+def _write_stage(out: Path, base: Path, run: dict, stage: dict, steps: int, seed: int, data_seed: int,
+                 init_from: Path | None, held_out: Path, overwrite: bool) -> Path:
     """The stage's passkey data (enough distinct samples for every step, none with a held-out key) and its run
     config: the recipe's shared settings with this stage's paths, steps and seeds; returns the run config's path."""
     from data_prep.cli import main as prep
@@ -127,7 +129,7 @@ def _write_stage(out: Path, base: Path, run: dict, stage: dict, steps: int, seed
     cells = len(str(stage["lengths"]).split(",")) * len(str(stage["depths"]).split(","))
     samples = steps * run["train"]["sequences_per_step"]
     prep(["passkey", "--tokenizer", str(base), "--lengths", str(stage["lengths"]), "--depths", str(stage["depths"]),
-          "--samples-per-cell", str(-(-samples // cells)), "--seed", str(seed), "--hold-out-keys", str(held_out),
+          "--samples-per-cell", str(-(-samples // cells)), "--seed", str(data_seed), "--hold-out-keys", str(held_out),
           "--quiet", "--output", str(data),
           *(["--overwrite"] if overwrite else [])])
     config = {**run, "base_model": str(base), "dataset": str(data), "output_dir": str(out / "stages" / name),
