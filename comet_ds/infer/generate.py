@@ -63,6 +63,17 @@ def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torc
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def cached_attention_mask(cached: int, steps: int, device: torch.device) -> torch.Tensor | None:
+    """The mask of `steps` new tokens after `cached` tokens in the KV cache: None where sdpa needs none
+    (one new token sees every key; an empty cache is plain causal attention), else a boolean
+    [1, 1, steps, cached + steps] causal mask. Without a mask, Hugging Face's sdpa would crop the keys to
+    the queries' length rather than offset the causal diagonal, so a mask is kept whenever both are there."""
+    if steps == 1 or cached == 0:
+        return None
+    keys = torch.arange(cached + steps, device=device)
+    return (keys[None, :] <= keys[cached:, None])[None, None]
+
+
 class _Chunk:
     """The chunk being written: its KV cache, position and, per layer, the beacon outputs so far."""
 
@@ -165,11 +176,7 @@ class StreamingGenerator:
         """Run new tokens of the chunk through every layer with the KV cache; record beacon outputs."""
         steps = ids.shape[1]
         positions = torch.arange(chunk.length, chunk.length + steps, device=self.device)[None]
-        keys = chunk.length + steps
-        allowed = torch.arange(keys, device=self.device)[None, :] <= positions[0][:, None]
-        dtype = self.model.embedding.new_rows.dtype
-        mask = torch.zeros(1, 1, steps, keys, dtype=dtype, device=self.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        mask = cached_attention_mask(chunk.length, steps, self.device)
         hidden = self.model.embedding(ids)
         rope = self.model.rotary_emb(hidden, positions)
         is_beacon = (ids[0] == self.tokens.temp_beacon_id).nonzero()[:, 0]
