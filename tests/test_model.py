@@ -183,8 +183,10 @@ def additive_mask(roles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     minimum elsewhere; causal inside the chunk, masked keys hidden): the formulation that
     chunk_attention_mask replaced, kept here as the reference it must equal."""
     length = roles.shape[-1]
-    allowed = torch.ones(length, length, dtype=torch.bool).tril() & attention_mask_from_roles(roles).bool()[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
+    allowed = causal & attention_mask_from_roles(roles).bool()[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=roles.device).masked_fill(~allowed,
+                                                                                    torch.finfo(dtype).min)[:, None]
 
 
 def loss_logits_gradients(model, chunks) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -289,3 +291,17 @@ def test_comet_refuses_a_base_that_does_not_run_sdpa(base_dirs):
     eager = AutoModelForCausalLM.from_pretrained(base_dirs["llama"], attn_implementation="eager")
     with pytest.raises(UnsupportedModelError, match="runs 'eager' attention; CoMeT needs 'sdpa'"):
         CometForCausalLM(eager, CONFIG, model.tokens)
+
+
+def test_a_stream_goes_on_from_the_memories_a_previous_call_returned(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(80,)))
+    with torch.no_grad():
+        whole = model(chunks)
+        first = model(chunks[:2])
+        rest = model(chunks[2:], states=first.states)
+    torch.testing.assert_close(first.loss_sum + rest.loss_sum, whole.loss_sum)  # summed in another order
+    for ours, theirs in zip(rest.states, whole.states):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="1 memory states for 2 layers"):
+        model(chunks, states=[None])

@@ -85,6 +85,16 @@ class _Chunk:
         self.temp_outputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
 
 
+@dataclass
+class Decoding:
+    """Where a prefilled prompt leaves generation: the current chunk, every layer's memories, and the
+    logits after the prompt's last token."""
+
+    chunk: _Chunk
+    states: list[MemoryState | None]
+    logits: torch.Tensor
+
+
 class StreamingGenerator:
     def __init__(self, model: CometForCausalLM):
         self.model = model.eval()
@@ -96,6 +106,12 @@ class StreamingGenerator:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> list[int]:
         """New token ids after `prompt_ids` (inserted beacons are not part of the result)."""
+        return self.decode(self.prefill(prompt_ids), settings)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int]) -> Decoding:
+        """Read the prompt: its complete chunks stream through the model, the rest fills the current
+        chunk's KV cache."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         size = self.config.chunk_size
@@ -106,7 +122,13 @@ class StreamingGenerator:
             layout = ChunkLayout(self.config, self.tokens)
             states = self.model(layout.iter_chunks([head], [[IGNORE_INDEX] * len(head)])).states
         chunk = self._open(done_chunks, states)
-        logits = self._feed_text(chunk, prompt_ids[done_chunks * size:], states)
+        return Decoding(chunk, states, self._feed_text(chunk, prompt_ids[done_chunks * size:], states))
+
+    @torch.inference_mode()
+    def decode(self, decoding: Decoding, settings: SamplingSettings) -> list[int]:
+        """New token ids after a prefilled prompt; `decoding` is used up."""
+        chunk, states, logits = decoding.chunk, decoding.states, decoding.logits
+        size = self.config.chunk_size
         generator = torch.Generator().manual_seed(settings.seed)
         out: list[int] = []
         while len(out) < settings.max_new_tokens:
