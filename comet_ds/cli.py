@@ -326,8 +326,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     from data_prep.fs import claim_directory
 
     settings = BenchSettings(
-        shape=args.shape, lengths=tuple(args.lengths), decode_tokens=args.decode_tokens, train_full=args.train_full,
-        train_windowed=args.train_windowed, bptt_window=args.bptt_window,
+        shape=args.shape, layers=args.layers, lengths=tuple(args.lengths), decode_tokens=args.decode_tokens,
+        train_full=args.train_full, train_windowed=args.train_windowed, bptt_window=args.bptt_window,
         baseline_train_lengths=tuple(args.baseline_train_lengths), training=not args.no_training,
         budget_s=args.budget_s, device=args.device, dtype=str(args.dtype).removeprefix("torch."), repeats=args.repeats)
     out = claim_directory(args.out, "comet-ds bench gpu", overwrite=args.overwrite)
@@ -535,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["qwen3-0.6b", "qwen3-4b", "tiny"], default="qwen3-0.6b",
                    help="model shape; the real ones use C=2048, G=512, s=8, Q=2048 (default: qwen3-0.6b)")
+    p.add_argument("--layers", type=positive_int,
+                   help="decoder layers, fewer than the shape's to see its kernels and per-layer costs quickly")
     p.add_argument("--lengths", type=token_counts, default=[32_768, 131_072, 524_288, 1_048_576],
                    help="prefill lengths (default: 32k,128k,512k,1m)")
     p.add_argument("--decode-tokens", type=positive_int, default=32,

@@ -142,7 +142,7 @@ def test_chunks_reach_a_fused_sdpa_kernel_on_cuda(tmp_path):
     results = Results(tmp_path)
     settings = BenchSettings(shape="tiny", lengths=(256,), device="cuda", repeats=1)
     measure_kernels(build_model(SHAPES["tiny"], "cuda", torch.bfloat16), SHAPES["tiny"], settings, results)
-    kernels = {row["attention"]: row["kernels"] for row in results.data["attention"]}
+    kernels = {row["case"]: row["kernels"] for row in results.data["attention"]}
     assert all(found and "math" not in found for found in kernels.values()), kernels
     assert set(kernels["no mask (causal), a stream's chunk"]) <= {"flash", "cuDNN"}, kernels
 
@@ -216,7 +216,7 @@ def test_bench_gpu_runs_end_to_end_at_the_tiny_shape_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["machine"]["device"] == "cpu" and results["shape_config"]["comet"]["chunk_size"] == 64
-    attention = {row["attention"]: row for row in results["attention"]}
+    attention = {row["case"]: row for row in results["attention"]}
     assert len(attention) == 5 and all(row["kernels"] for row in attention.values())
     assert all(row["forward_ms"] > 0 and row["forward_backward_ms"] > 0 for name, row in attention.items()
                if not name.startswith("Hugging Face"))

@@ -28,7 +28,7 @@ import math
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -82,6 +82,7 @@ SHAPES = {
 @dataclass(frozen=True)
 class BenchSettings:
     shape: str = "qwen3-0.6b"
+    layers: int | None = None  # fewer decoder layers than the shape's: its kernels and per-layer costs, quickly
     lengths: tuple[int, ...] = (32_768, 131_072, 524_288, 1_048_576)
     decode_tokens: int = 32
     train_full: int = 32_768  # full backprop through the memories
@@ -312,7 +313,7 @@ def measure_kernels(model: CometForCausalLM, shape: Shape, settings: BenchSettin
         def forward_backward(forward=forward) -> None:
             forward().sum().backward()
 
-        row = {"attention": name, "tokens": length, "kernels": sdpa_kernels(forward)}
+        row = {"case": name, "tokens": length, "kernels": sdpa_kernels(forward)}
         for label, run in (("forward", forward), ("forward_backward", forward_backward)):
             with torch.no_grad() if label == "forward" else torch.enable_grad():
                 run()  # warm-up
@@ -322,7 +323,7 @@ def measure_kernels(model: CometForCausalLM, shape: Shape, settings: BenchSettin
         results.add("attention", row)
     ids = torch.tensor([text_ids(shape, min(4096, settings.lengths[0]))], device=device)
     with torch.inference_mode():
-        results.add("attention", {"attention": f"Hugging Face full attention, {ids.shape[1]} tokens",
+        results.add("attention", {"case": f"Hugging Face full attention, {ids.shape[1]} tokens",
                                   "tokens": ids.shape[1],
                                   "kernels": sdpa_kernels(lambda: model.backbone(input_ids=ids, logits_to_keep=1))})
 
@@ -603,6 +604,8 @@ def run_bench(settings: BenchSettings, out: Path) -> dict[str, Any]:
     """Every measurement that fits the time budget, written to `out` as it goes; returns the results."""
     budget = Budget(settings.budget_s)
     shape = SHAPES[settings.shape]
+    if settings.layers:
+        shape = replace(shape, layers=settings.layers)
     dtype = getattr(torch, settings.dtype)
     results = Results(out, {"settings": asdict(settings), "shape": settings.shape, "shape_config": asdict(shape),
                             "machine": machine_info(settings),
