@@ -224,6 +224,8 @@ def test_bench_gpu_runs_end_to_end_at_the_tiny_shape_on_the_cpu(tmp_path):
     assert set(prefill) == {(system, n) for system in ("comet", "full attention") for n in (128, 256)}
     assert all(row["tokens_per_s"] > 0 and row["peak_memory_mib"] > 0 for row in prefill.values())
     assert {row["system"]: row["after_tokens"] for row in results["decode"]} == {"comet": 256, "full attention": 256}
+    assert all(row["steps"] == 2 and 0 < row["ms_per_token_median"] <= row["ms_slowest_step"]
+               for row in results["decode"])
     training = {(row["system"], row["bptt_window"]): row["tokens"] for row in results["training"] if "seconds" in row}
     assert training == {("comet", "full"): 128, ("comet", 2): 256, ("full attention", "-"): 128}
     assert [row["tokens"] for row in results["summary"]["prefill"]] == [128, 256]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -125,8 +126,10 @@ class StreamingGenerator:
         return Decoding(chunk, states, self._feed_text(chunk, prompt_ids[done_chunks * size:], states))
 
     @torch.inference_mode()
-    def decode(self, decoding: Decoding, settings: SamplingSettings) -> list[int]:
-        """New token ids after a prefilled prompt; `decoding` is used up."""
+    def decode(self, decoding: Decoding, settings: SamplingSettings,
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """New token ids after a prefilled prompt; `decoding` is used up. `on_token` sees each new token as
+        soon as it is picked (to stream it out, or to time the steps)."""
         chunk, states, logits = decoding.chunk, decoding.states, decoding.logits
         size = self.config.chunk_size
         generator = torch.Generator().manual_seed(settings.seed)
@@ -134,6 +137,8 @@ class StreamingGenerator:
         while len(out) < settings.max_new_tokens:
             token = pick_token(logits, settings, generator)
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in settings.stop_token_ids or len(out) == settings.max_new_tokens:
                 break
             if chunk.text == size:
