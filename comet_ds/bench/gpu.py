@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -40,6 +40,9 @@ from comet_ds.layout import Chunk, ChunkLayout
 from comet_ds.modeling.layer import allowed_keys, chunk_attention_mask
 from comet_ds.modeling.memory import detach_state
 from comet_ds.modeling.model import CometForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 T = TypeVar("T")
 
@@ -60,7 +63,7 @@ class Shape:
     vocab_size: int
     comet: CometConfig
 
-    def hf_config(self):  # -> transformers.PretrainedConfig
+    def hf_config(self) -> PretrainedConfig:
         from transformers import AutoConfig
 
         return AutoConfig.for_model(
@@ -377,7 +380,7 @@ def measure_comet_prefill(model: CometForCausalLM, shape: Shape, settings: Bench
         results.add("decode", {"system": "comet", "after_tokens": last["tokens"], **stamps.summary()})
 
 
-def measure_full_attention_prefill(backbone, shape: Shape, settings: BenchSettings, budget: Budget,
+def measure_full_attention_prefill(backbone: PreTrainedModel, shape: Shape, settings: BenchSettings, budget: Budget,
                                    results: Results) -> None:
     """Hugging Face's forward over the whole prompt with a KV cache (what a prefill for decoding is),
     the last token's logits only; lengths after the first out-of-memory are not tried."""
@@ -448,7 +451,7 @@ def windowed_train_step(model: CometForCausalLM, chunks: list[Chunk], optimizer:
     return total
 
 
-def full_attention_train_step(backbone, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+def full_attention_train_step(backbone: PreTrainedModel, ids: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
     loss = backbone(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
