@@ -41,9 +41,22 @@ Start here:
 """
 
 
-def cmd_init_base(args: argparse.Namespace) -> None:
-    from comet_ds.modeling.tiny_base import check_buildable, init_base, pretraining_line
+# what `init-base` builds unless told otherwise; `--shipped` takes none of these
+INIT_BASE_DEFAULTS = {"arch": "llama", "layers": 4, "hidden_size": 64, "pretrain_steps": 400, "seed": 0}
 
+
+def cmd_init_base(args: argparse.Namespace) -> None:
+    from comet_ds.config import CometInputError
+    from comet_ds.modeling.tiny_base import check_buildable, init_base, install_shipped_base, pretraining_line
+
+    if args.shipped:
+        if given := [f"--{name.replace('_', '-')}" for name, default in INIT_BASE_DEFAULTS.items()
+                     if getattr(args, name) != default]:
+            raise CometInputError(f"--shipped writes the base as it was built; drop {', '.join(given)} or --shipped")
+        out = install_shipped_base(args.out, overwrite=args.overwrite)
+        print(f"wrote the shipped tiny llama base model and tokenizer to {out} (every file's sha256 checked)")
+        print(pretraining_line(out))
+        return
     check_buildable(args.arch, pretrain=args.pretrain_steps > 0, hidden_size=args.hidden_size, num_layers=args.layers)
     out = init_base(args.out, args.arch, seed=args.seed, pretrain_steps=args.pretrain_steps,
                     overwrite=args.overwrite, hidden_size=args.hidden_size, num_layers=args.layers)
@@ -369,14 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
     _add_overwrite(p, "replace --out if it holds an earlier comet-ds init-base output")
-    p.add_argument("--arch", choices=ARCHITECTURES, default="llama",
-                   help="decoder family (default: llama)")
-    p.add_argument("--layers", type=positive_int, default=4, help="decoder layers (default: 4)")
-    p.add_argument("--hidden-size", type=positive_int, default=64, help="hidden size (default: 64)")
-    p.add_argument("--pretrain-steps", type=non_negative_int, default=400,
-                   help="pretraining steps of 16 x 256 tokens; 0 leaves the weights random (default: 400)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_init_base)
+    p.add_argument("--arch", choices=ARCHITECTURES, help="decoder family (default: %(default)s)")
+    p.add_argument("--layers", type=positive_int, help="decoder layers (default: %(default)s)")
+    p.add_argument("--hidden-size", type=positive_int, help="hidden size (default: %(default)s)")
+    p.add_argument("--pretrain-steps", type=non_negative_int,
+                   help="pretraining steps of 16 x 256 tokens; 0 leaves the weights random (default: %(default)s)")
+    p.add_argument("--seed", type=int, help="(default: %(default)s)")
+    p.add_argument("--shipped", action="store_true",
+                   help="write the pretrained base shipped with the package instead of building one: llama, "
+                        "4 layers, hidden 64, built by `comet-ds init-base --pretrain-steps 2500` (it copies "
+                        "a key back in context); the size and training options do not apply")
+    p.set_defaults(func=cmd_init_base, **INIT_BASE_DEFAULTS)
 
     p = sub.add_parser("export", help="write a standalone model with the LoRA adapters merged in",
                        description="Merge a CoMeT adapter directory (LoRA + memory networks + new token rows) "

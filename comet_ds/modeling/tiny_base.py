@@ -13,6 +13,7 @@ import json
 import random
 import tempfile
 import time
+from importlib.resources import files
 from pathlib import Path
 
 import sentencepiece as spm
@@ -29,7 +30,9 @@ from transformers import (
 
 from comet_ds.modeling import ARCHITECTURES
 from comet_ds.schedule import warmup_cosine
+from data_prep.errors import CometInputError
 from data_prep.fs import output_directory
+from data_prep.output import file_sha256
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a bird", "the teacher", "our team",
              "the farmer", "a child", "the river", "the city", "the garden", "a small boat", "the library"]
@@ -116,9 +119,17 @@ def check_buildable(arch: str, *, pretrain: bool, hidden_size: int = 64, num_lay
                               f"{available / 2**30:,.1f} GiB available; choose a smaller model")
 
 
+PRETRAINING_SUMMARY = "pretraining.json"
+EARLY_LOSSES = 5  # first step losses kept in the summary: a rebuild checks its start against them
+
+
 def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: int, *, seq_len: int = 256,
-             batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Next-token training on the packed synthetic corpus (AdamW, warmup then cosine); returns a summary."""
+             batch_size: int = 16, lr: float = 3e-3, seed: int = 0, progress: bool = True,
+             stop_after: int | None = None) -> dict:
+    """Next-token training on the packed synthetic corpus (AdamW, warmup then cosine); returns a summary.
+
+    stop_after: run only the first steps of the `steps`-step schedule, enough to check that a recorded
+    pretraining run starts as it did without paying for all of it."""
     lines = min(200_000, max(4000, steps * batch_size * seq_len // 12))  # ~12 tokens a line; windows are sampled
     text = " ".join(synthetic_corpus(num_lines=lines, seed=seed + 1))
     ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -128,7 +139,8 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start, losses = time.perf_counter(), []
-    bar = tqdm(range(steps), desc="pretraining the tiny base", unit="step", disable=not progress)
+    bar = tqdm(range(min(steps, stop_after or steps)), desc="pretraining the tiny base", unit="step",
+               disable=not progress)
     for _ in bar:
         batch = rows[torch.randint(len(rows), (batch_size,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
@@ -142,10 +154,33 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
     model.eval()
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "tokens": steps * batch_size * seq_len, "first_loss": losses[0],
-            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
+            "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start,
+            "early_losses": losses[:EARLY_LOSSES]}
 
 
-PRETRAINING_SUMMARY = "pretraining.json"
+# A tiny Llama base pretrained past the point where it copies a key back in context, so a passkey
+# fine-tune starts from that skill instead of spending its time on it. build.json records the command
+# that rebuilds it, the environment it ran in and every file's sha256.
+SHIPPED_BASE = "tiny_llama"
+BUILD_RECORD = "build.json"
+
+
+def shipped_base_record() -> dict:
+    return json.loads((files(__package__) / SHIPPED_BASE / BUILD_RECORD).read_text(encoding="utf-8"))
+
+
+def install_shipped_base(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the shipped tiny base to `out` (new or empty, or with `overwrite` an earlier init-base output),
+    each file checked against its recorded sha256 before `out` appears."""
+    source, record = files(__package__) / SHIPPED_BASE, shipped_base_record()
+    with output_directory(out, "comet-ds init-base", overwrite=overwrite) as scratch:
+        for name, digest in {**record["sha256"], BUILD_RECORD: None}.items():
+            target = scratch / name
+            target.write_bytes((source / name).read_bytes())
+            if digest is not None and file_sha256(target) != digest:
+                raise CometInputError(f"the shipped tiny base's {name} does not match its recorded sha256: the "
+                                      "installed package is damaged; reinstall comet_ds")
+    return Path(out)
 
 
 def pretraining_line(base: Path) -> str | None:
