@@ -199,7 +199,8 @@ sys.meta_path[:] = [Hidden(finder) for finder in sys.meta_path]
 
 
 def test_the_gpu_tests_import_without_what_the_gpu_machine_lacks():
-    script = HIDE_PACKAGES + "import sys\nsys.path.insert(0, 'tests')\nimport test_gpu\n"
+    # conftest's tiny bases come from comet_ds.modeling.tiny_base
+    script = HIDE_PACKAGES + "import sys\nsys.path.insert(0, 'tests')\nimport test_gpu, comet_ds.modeling.tiny_base\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd=REPO,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
