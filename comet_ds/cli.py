@@ -37,6 +37,7 @@ Start here:
   comet-ds export --adapter DIR --merge --out DIR2
                                            a standalone model with LoRA merged in
   comet-ds bench forward                   memory and speed of streaming at 4k, 32k and 256k tokens
+  comet-ds bench gpu                       CoMeT against full attention at Qwen3 shapes on a GPU
 """
 
 
@@ -333,6 +334,22 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from comet_ds.bench.gpu import BenchSettings, run_bench
+    from data_prep.fs import claim_directory
+
+    settings = BenchSettings(
+        shape=args.shape, layers=args.layers, lengths=tuple(args.lengths), decode_tokens=args.decode_tokens,
+        train_full=args.train_full, train_windowed=args.train_windowed, bptt_window=args.bptt_window,
+        baseline_train_lengths=tuple(args.baseline_train_lengths), training=not args.no_training,
+        budget_s=args.budget_s, device=args.device, dtype=str(args.dtype).removeprefix("torch."), repeats=args.repeats)
+    out = claim_directory(args.out, "comet-ds bench gpu", overwrite=args.overwrite)
+    print(f"comet-ds bench gpu: {settings.shape} on {settings.device} in {settings.dtype}, "
+          f"{settings.budget_s:.0f} s budget, writing {out}")
+    summary = run_bench(settings, out)["summary"]
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from comet_ds.config import CometInputError
     from comet_ds.demo import run_demo
@@ -522,6 +539,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/bench-prep", help="inputs and outputs (default: runs/bench-prep)")
     p.add_argument("--json", help="also write the result rows to this JSON file")
     p.set_defaults(func=cmd_bench_prep)
+
+    p = bench.add_parser("gpu", help="CoMeT vs full attention at Qwen3 shapes: prefill, decode, training, kernels",
+                         description="Build a Qwen3-shaped base with random weights on the device (nothing is "
+                                     "downloaded) and measure, within --budget-s: which sdpa kernel the chunk's "
+                                     "attention runs (and its time under each mask formulation); streaming prefill "
+                                     "tokens/s and peak memory at each length against Hugging Face full attention "
+                                     "until it runs out of memory; decode latency after the longest prefill; one "
+                                     "LoRA training step with activation checkpointing (full backprop, then a BPTT "
+                                     "window) against full-attention LoRA with gradient checkpointing. Writes "
+                                     "results.json, prefill.png and training.png into --out. Needs no DeepSpeed."
+                                     "\n\nexample (GPU): comet-ds bench gpu --shape qwen3-0.6b --out runs/bench-gpu"
+                                     "\nexample (CPU, seconds): comet-ds bench gpu --shape tiny --lengths 256,1k "
+                                     "--train-full 256 --train-windowed 1k --baseline-train-lengths 128,256 "
+                                     "--out runs/bench-gpu-tiny",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["qwen3-0.6b", "qwen3-4b", "tiny"], default="qwen3-0.6b",
+                   help="model shape; the real ones use C=2048, G=512, s=8, Q=2048 (default: qwen3-0.6b)")
+    p.add_argument("--layers", type=positive_int,
+                   help="decoder layers, fewer than the shape's to see its kernels and per-layer costs quickly")
+    p.add_argument("--lengths", type=token_counts, default=[32_768, 131_072, 524_288, 1_048_576],
+                   help="prefill lengths (default: 32k,128k,512k,1m)")
+    p.add_argument("--decode-tokens", type=positive_int, default=32,
+                   help="tokens decoded after the longest prefill (default: 32)")
+    p.add_argument("--train-full", type=token_count, default=32_768,
+                   help="training length with full backprop through the memories (default: 32k)")
+    p.add_argument("--train-windowed", type=token_count, default=131_072,
+                   help="training length with --bptt-window chunks per backward (default: 128k)")
+    p.add_argument("--bptt-window", type=positive_int, default=8, help="chunks per backward (default: 8)")
+    p.add_argument("--baseline-train-lengths", type=token_counts, default=[4096, 32_768],
+                   help="full-attention training lengths (default: 4k,32k)")
+    p.add_argument("--no-training", action="store_true", help="measure kernels, prefill and decode only")
+    p.add_argument("--budget-s", type=positive_float, default=540.0,
+                   help="seconds to measure in; a run predicted to overrun them is skipped and said so (default: 540)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls of the attention alone (default: 5)")
+    p.add_argument("--device", type=device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", type=dtype, default="bf16", help="bf16 (default), fp32 or fp16")
+    p.add_argument("--out", default="runs/bench-gpu", help="output directory, new or empty (default: runs/bench-gpu)")
+    _add_overwrite(p, "write into --out if an earlier comet-ds bench gpu wrote there, replacing its files")
+    p.set_defaults(func=cmd_bench_gpu)
 
     p = sub.add_parser("demo", help="the end-to-end demo on a tiny local base (CPU, minutes)",
                        description="Start from the tiny base shipped with the package and train the staged "

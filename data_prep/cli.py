@@ -22,8 +22,8 @@ from data_prep.argtypes import (
     token_count,
     token_counts,
 )
-from data_prep.fs import OutputDirectoryError, check_output, is_inside, sigterm_unwinds
-from data_prep.output import DatasetWriter, file_sha256
+from data_prep.fs import OutputDirectoryError, check_output, file_sha256, is_inside, sigterm_unwinds
+from data_prep.output import DatasetWriter
 from data_prep.parallel import ordered_map
 
 DESCRIPTION = """\

@@ -10,6 +10,7 @@ OUTPUT_MARKER naming the command, so a later run of the same command may replace
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -92,6 +93,15 @@ def check_output_file(target: str | Path, option: str, inputs: Iterable[str | Pa
         raise OutputDirectoryError(f"{option} {target}: the directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputDirectoryError(f"{option} {target}: cannot write in {parent}; choose a writable place")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _mark(directory: Path, command: str) -> None:

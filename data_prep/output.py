@@ -14,7 +14,7 @@ import pyarrow as pa
 from datasets import DatasetInfo, Features, List, Value
 from datasets.arrow_writer import ArrowWriter
 
-from data_prep.fs import output_directory
+from data_prep.fs import file_sha256, output_directory
 from data_prep.tokens import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -43,14 +43,6 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     for path in sorted(Path(tokenizer_dir).glob("tokenizer*")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

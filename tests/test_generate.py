@@ -92,6 +92,15 @@ def test_stop_tokens_end_generation(base_dirs):
     assert stopped == free[: free.index(free[2]) + 1]
 
 
+def test_prefill_then_decode_is_generate_and_shows_each_token_as_it_comes(base_dirs):
+    model, _ = build_comet(base_dirs["llama"], CONFIG)
+    generator = StreamingGenerator(perturbed(model))
+    prompt, settings = list(range(10, 47)), SamplingSettings(max_new_tokens=20)  # crosses a chunk roll-over
+    seen = []
+    out = generator.decode(generator.prefill(prompt), settings, on_token=seen.append)
+    assert out == seen == generator.generate(prompt, settings)
+
+
 def test_generate_command_writes_jsonl(base_dirs, tmp_path, capsys):
     import json
 

@@ -1,10 +1,12 @@
 import pytest
 import torch
-from helpers import finite_logits
+from helpers import finite_logits, trained_like
 
 from comet_ds.config import CometConfig
-from comet_ds.layout import ChunkLayout
+from comet_ds.layout import ChunkLayout, Role, attention_mask_from_roles
+from comet_ds.modeling import layer as layer_module
 from comet_ds.modeling.finetune import FinetuneSettings
+from comet_ds.modeling.layer import chunk_attention_mask
 from comet_ds.modeling.memory import GlobalMemory
 from comet_ds.modeling.pretrained import build_comet
 
@@ -171,3 +173,135 @@ def test_activation_checkpointing_gives_the_same_gradients(base_dirs):
     model(chunks).loss.backward()
     for name, grad in plain.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-7, rtol=1e-6)
+
+
+# -- the chunk's attention mask: boolean, or none where causal attention is exact ----------------------------
+
+
+def additive_mask(roles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk mask as an additive float [B, 1, L, L] tensor (0 where a token may attend, the dtype's
+    minimum elsewhere; causal inside the chunk, masked keys hidden): the formulation that
+    chunk_attention_mask replaced, kept here as the reference it must equal."""
+    length = roles.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
+    allowed = causal & attention_mask_from_roles(roles).bool()[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=roles.device).masked_fill(~allowed,
+                                                                                    torch.finfo(dtype).min)[:, None]
+
+
+def loss_logits_gradients(model, chunks) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(chunks, return_logits=True)
+    out.loss.backward()
+    return (out.loss.detach(), torch.cat(out.logits, dim=1).detach(),
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+# one sequence in full chunks: no chunk needs a mask; two of unequal length: the shorter one's second chunk
+# (2 text tokens) leaves fewer real queue entries than Q, so a filler keeps a queue slot, empty and ahead
+# of attended tokens, in the chunks after it, and those take the boolean mask
+LAYOUTS = {"one sequence": (80,), "two sequences": (80, 18)}
+
+
+def masks_taken(chunks) -> tuple[int, int]:
+    """(chunks run without a mask, chunks run with a boolean mask)."""
+    masks = [chunk_attention_mask(c.roles) for c in chunks]
+    assert all(m is None or m.dtype == torch.bool for m in masks)
+    return sum(m is None for m in masks), sum(m is not None for m in masks)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunk_masks_equal_the_additive_mask_exactly_in_fp32(base_dirs, arch, layout, monkeypatch):
+    """Loss, every gradient and the logits of every attended token are bit for bit those of the additive
+    float mask; the rows of masked tokens (padding, fillers), which nothing reads, stay finite.
+
+    Hugging Face's sdpa call repeats the keys of a head group when a mask is given and lets sdpa group
+    them (enable_gqa) when none is: the same sums, but the key and value gradients of a group add up in
+    another order. TRANSFORMERS_SDPA_FORCE_GQA makes both formulations group heads alike, so that the
+    masks alone are compared; as Hugging Face picks, the forward stays exact and gradients are an ulp off.
+    """
+    model, tokenizer = build_comet(base_dirs[arch], CONFIG)
+    trained_like(model)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=LAYOUTS[layout]))
+    without, boolean = masks_taken(chunks)
+    assert without >= 1 and (boolean == 0 if layout == "one sequence" else boolean >= 1)
+    attended = torch.cat([c.attention_mask for c in chunks], dim=1).bool()
+
+    def both() -> tuple[tuple, tuple]:
+        ours = loss_logits_gradients(model, chunks)
+        with monkeypatch.context() as patch:
+            patch.setattr(layer_module, "chunk_attention_mask", lambda roles: additive_mask(roles, torch.float32))
+            return ours, loss_logits_gradients(model, chunks)
+
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = both()
+    assert torch.equal(loss, ref_loss)
+    assert torch.equal(logits[attended], ref_logits[attended])
+    assert not torch.isnan(logits).any()
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-8)
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = both()
+    assert torch.equal(loss, ref_loss)
+    assert torch.equal(logits[attended], ref_logits[attended])
+    for name, grad in ref_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chunk_masks_equal_the_additive_mask_in_bf16(base_dirs, arch, monkeypatch):
+    model, tokenizer = build_comet(base_dirs[arch], CONFIG, dtype=torch.bfloat16)
+    trained_like(model)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=LAYOUTS["two sequences"]))
+    loss, logits, grads = loss_logits_gradients(model, chunks)
+    monkeypatch.setattr(layer_module, "chunk_attention_mask", lambda roles: additive_mask(roles, torch.bfloat16))
+    ref_loss, ref_logits, ref_grads = loss_logits_gradients(model, chunks)
+    attended = torch.cat([c.attention_mask for c in chunks], dim=1).bool()
+    bf16 = {"rtol": 1.6e-2, "atol": 1e-2}  # a few units in bf16's last place (8 bits of mantissa)
+    torch.testing.assert_close(loss, ref_loss, **bf16)
+    torch.testing.assert_close(logits[attended], ref_logits[attended], **bf16)
+    for name, grad in ref_grads.items():
+        error = (grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
+        assert error <= 1.6e-2, name
+
+
+def test_chunk_mask_is_causal_over_attended_keys_and_never_masks_a_whole_row():
+    t, pad, empty = Role.TEXT, Role.PAD, Role.TEMP_SLOT_EMPTY
+    assert chunk_attention_mask(torch.tensor([[t, t, Role.GLOBAL_BEACON, Role.TEMP_BEACON_FILLER, pad]])) is None
+    roles = torch.tensor([[empty, t, empty, t, pad]])  # the first token has no attended key at or before it
+    mask = chunk_attention_mask(roles)[0, 0]
+    assert mask.tolist() == [[True, False, False, False, False],  # itself, rather than no key at all
+                             [False, True, False, False, False],
+                             [False, True, False, False, False],
+                             [False, True, False, True, False],
+                             [False, True, False, True, False]]
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.isfinite(out).all()
+
+
+def test_comet_refuses_a_base_that_does_not_run_sdpa(base_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from comet_ds.modeling.backbone import UnsupportedModelError
+    from comet_ds.modeling.model import CometForCausalLM
+
+    model, _ = build_comet(base_dirs["llama"], CONFIG)
+    eager = AutoModelForCausalLM.from_pretrained(base_dirs["llama"], attn_implementation="eager")
+    with pytest.raises(UnsupportedModelError, match="runs 'eager' attention; CoMeT needs 'sdpa'"):
+        CometForCausalLM(eager, CONFIG, model.tokens)
+
+
+def test_a_stream_goes_on_from_the_memories_a_previous_call_returned(base_dirs):
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(80,)))
+    with torch.no_grad():
+        whole = model(chunks)
+        first = model(chunks[:2])
+        rest = model(chunks[2:], states=first.states)
+    torch.testing.assert_close(first.loss_sum + rest.loss_sum, whole.loss_sum)  # summed in another order
+    for ours, theirs in zip(rest.states, whole.states):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="1 memory states for 2 layers"):
+        model(chunks, states=[None])

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from comet_ds.cli import main as comet_ds
 from comet_ds.config import CometInputError
 from comet_ds.modeling import tiny_base
-from data_prep.output import file_sha256
+from data_prep.fs import file_sha256
 
 SHIPPED = files("comet_ds.modeling") / tiny_base.SHIPPED_BASE
 

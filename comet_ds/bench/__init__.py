@@ -1,4 +1,5 @@
-"""Benchmarks: the streaming forward, pipeline training and data preparation."""
+"""Benchmarks: the streaming forward, pipeline training, data preparation, and CoMeT against full attention
+at real shapes on a GPU (`gpu`, with its own shapes and settings)."""
 
 from comet_ds.config import CometConfig
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,17 @@ def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torc
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def cached_attention_mask(cached: int, steps: int, device: torch.device) -> torch.Tensor | None:
+    """The mask of `steps` new tokens after `cached` tokens in the KV cache: None where sdpa needs none
+    (one new token sees every key; an empty cache is plain causal attention), else a boolean
+    [1, 1, steps, cached + steps] causal mask. Without a mask, Hugging Face's sdpa would crop the keys to
+    the queries' length rather than offset the causal diagonal, so a mask is kept whenever both are there."""
+    if steps == 1 or cached == 0:
+        return None
+    keys = torch.arange(cached + steps, device=device)
+    return (keys[None, :] <= keys[cached:, None])[None, None]
+
+
 class _Chunk:
     """The chunk being written: its KV cache, position and, per layer, the beacon outputs so far."""
 
@@ -72,6 +84,16 @@ class _Chunk:
         self.length = 0  # tokens in the cache (all attended)
         self.text = 0  # text tokens
         self.temp_outputs: list[list[torch.Tensor]] = [[] for _ in model.layers]
+
+
+@dataclass
+class Decoding:
+    """Where a prefilled prompt leaves generation: the current chunk, every layer's memories, and the
+    logits after the prompt's last token."""
+
+    chunk: _Chunk
+    states: list[MemoryState | None]
+    logits: torch.Tensor
 
 
 class StreamingGenerator:
@@ -85,6 +107,12 @@ class StreamingGenerator:
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], settings: SamplingSettings) -> list[int]:
         """New token ids after `prompt_ids` (inserted beacons are not part of the result)."""
+        return self.decode(self.prefill(prompt_ids), settings)
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int]) -> Decoding:
+        """Read the prompt: its complete chunks stream through the model, the rest fills the current
+        chunk's KV cache."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         size = self.config.chunk_size
@@ -95,12 +123,22 @@ class StreamingGenerator:
             layout = ChunkLayout(self.config, self.tokens)
             states = self.model(layout.iter_chunks([head], [[IGNORE_INDEX] * len(head)])).states
         chunk = self._open(done_chunks, states)
-        logits = self._feed_text(chunk, prompt_ids[done_chunks * size:], states)
+        return Decoding(chunk, states, self._feed_text(chunk, prompt_ids[done_chunks * size:], states))
+
+    @torch.inference_mode()
+    def decode(self, decoding: Decoding, settings: SamplingSettings,
+               on_token: Callable[[int], None] | None = None) -> list[int]:
+        """New token ids after a prefilled prompt; `decoding` is used up. `on_token` sees each new token as
+        soon as it is picked (to stream it out, or to time the steps)."""
+        chunk, states, logits = decoding.chunk, decoding.states, decoding.logits
+        size = self.config.chunk_size
         generator = torch.Generator().manual_seed(settings.seed)
         out: list[int] = []
         while len(out) < settings.max_new_tokens:
             token = pick_token(logits, settings, generator)
             out.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in settings.stop_token_ids or len(out) == settings.max_new_tokens:
                 break
             if chunk.text == size:
@@ -165,11 +203,7 @@ class StreamingGenerator:
         """Run new tokens of the chunk through every layer with the KV cache; record beacon outputs."""
         steps = ids.shape[1]
         positions = torch.arange(chunk.length, chunk.length + steps, device=self.device)[None]
-        keys = chunk.length + steps
-        allowed = torch.arange(keys, device=self.device)[None, :] <= positions[0][:, None]
-        dtype = self.model.embedding.new_rows.dtype
-        mask = torch.zeros(1, 1, steps, keys, dtype=dtype, device=self.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        mask = cached_attention_mask(chunk.length, steps, self.device)
         hidden = self.model.embedding(ids)
         rope = self.model.rotary_emb(hidden, positions)
         is_beacon = (ids[0] == self.tokens.temp_beacon_id).nonzero()[:, 0]

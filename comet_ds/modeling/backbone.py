@@ -48,6 +48,13 @@ def decoder_parts(model: PreTrainedModel) -> DecoderParts:
         if needed not in params:
             raise UnsupportedModelError(
                 f"model type {kind!r} is not supported: its decoder layers do not take {needed!r}")
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != "sdpa":
+        # the chunk's mask is None (causal) or boolean (comet_ds.modeling.layer.chunk_attention_mask), which
+        # only sdpa reads as meant: eager attention would add a boolean mask and skip causality without one
+        raise UnsupportedModelError(
+            f"the base model runs {implementation!r} attention; CoMeT needs 'sdpa': load it with "
+            "attn_implementation='sdpa'")
     layer_types = getattr(model.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise UnsupportedModelError(

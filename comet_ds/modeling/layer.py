@@ -12,11 +12,44 @@ from comet_ds.layout import ChunkIndices, attention_mask_from_roles, position_id
 from comet_ds.modeling.memory import LayerMemory, MemoryState
 
 
+def chunk_attention_mask(roles: torch.Tensor) -> torch.Tensor | None:
+    """How sdpa masks the chunk: None (causal attention, no mask) where that is exact, else a boolean
+    [B, 1, L, L] mask, True where a token may attend.
+
+    A token attends causally to the attended tokens of its chunk (`attention_mask_from_roles`). When the
+    attended tokens of every row come first (every chunk of sequences laid out in full chunks), causality
+    alone hides the masked ones from every attended token, so no mask is needed: sdpa then runs with
+    is_causal, where its fastest kernels (flash on CUDA, with grouped-query attention and no repeated keys)
+    apply, and skips the blocks above the diagonal. Only the rows of masked tokens (padding, filler
+    beacons) come out otherwise than under a full mask, and nothing reads them: they carry no label, and a
+    filler's memory entry lands in a slot that is masked wherever it is used.
+
+    Otherwise (a queue holding fillers puts masked slots ahead of text) a boolean mask: the same pattern
+    as an additive float mask of 0 and the dtype's minimum, at a quarter of fp32's bytes and selected
+    rather than added. A token left with no key at all (none occurs in a laid-out chunk, whose first
+    token is always attended) may attend to itself: some kernels return NaN for a fully masked row, and a
+    NaN row poisons every row that holds it as a key, even with zero weight.
+    """
+    attended = attention_mask_from_roles(roles).bool()
+    if bool((attended[:, 1:] <= attended[:, :-1]).all()):  # attended tokens are a prefix of every row
+        return None
+    return allowed_keys(roles)
+
+
+def allowed_keys(roles: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] bool: True where a token may attend (see chunk_attention_mask)."""
+    length = roles.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
+    allowed = causal & attention_mask_from_roles(roles).bool()[:, None, :]
+    keyless = ~allowed.any(dim=-1, keepdim=True)
+    return (allowed | (keyless & torch.eye(length, dtype=torch.bool, device=roles.device)))[:, None]
+
+
 @dataclass(frozen=True)
 class ChunkContext:
     """Everything a layer needs about the chunk besides its hidden states; built once per chunk."""
 
-    attention_mask: torch.Tensor  # [B, 1, L, L] additive: causal inside the chunk, padded keys masked
+    attention_mask: torch.Tensor | None  # see chunk_attention_mask
     position_ids: torch.Tensor  # [B, L] chunk-local
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     indices: ChunkIndices
@@ -24,16 +57,10 @@ class ChunkContext:
     @classmethod
     def build(cls, roles: torch.Tensor, rotary_embedding: nn.Module, dtype: torch.dtype,
               queue_capacity: int) -> ChunkContext:
-        length = roles.shape[-1]
-        key_mask = attention_mask_from_roles(roles).bool()
-        causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
-        allowed = causal[None] & key_mask[:, None, :]
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=roles.device)
-        additive.masked_fill_(~allowed, torch.finfo(dtype).min)
         position_ids = position_ids_from_roles(roles)
         probe = torch.empty(0, dtype=dtype, device=roles.device)
         return cls(
-            attention_mask=additive[:, None],
+            attention_mask=chunk_attention_mask(roles),
             position_ids=position_ids,
             position_embeddings=rotary_embedding(probe, position_ids),
             indices=ChunkIndices.from_roles(roles, queue_capacity),

@@ -102,14 +102,18 @@ class CometForCausalLM(nn.Module):
     # -- forward paths ---------------------------------------------------------------------------
 
     def forward(self, chunks: Iterable[Chunk], *, return_logits: bool = False,
-                bptt_window: int | None = None) -> CometOutput:
+                bptt_window: int | None = None, states: list[MemoryState | None] | None = None) -> CometOutput:
         """Chunk-major streaming: one chunk's activations plus the per-layer memory state at a time.
 
         Under torch.no_grad() memory is constant in sequence length; with gradients the graph of
         every chunk is kept (full backprop through the memories), or, with `bptt_window=k`, the
         memories are detached entering chunks k, 2k, ...: values flow on, gradients stop there.
+        `states` are the memories the first chunk receives: a previous call's, to go on with its stream
+        (default: none, a stream's start).
         """
-        states: list[MemoryState | None] = [None] * len(self.layers)
+        if states is not None and len(states) != len(self.layers):
+            raise ValueError(f"{len(states)} memory states for {len(self.layers)} layers")
+        states = [None] * len(self.layers) if states is None else list(states)
         loss_sum, count, all_logits = None, 0, [] if return_logits else None
         for chunk in chunks:
             chunk = chunk.to(self.device)  # layouts are built on the CPU

@@ -31,8 +31,7 @@ from comet_ds.modeling.backbone import load_backbone
 from comet_ds.modeling.finetune import FinetuneSettings, apply_finetune
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.tokens import extend_tokenizer
-from data_prep.fs import atomic_directory, check_output, output_directory
-from data_prep.output import file_sha256
+from data_prep.fs import atomic_directory, check_output, file_sha256, output_directory
 
 COMET_CONFIG = "comet_config.json"
 MEMORY_WEIGHTS = "comet_memory.safetensors"

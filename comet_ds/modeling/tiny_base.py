@@ -31,8 +31,7 @@ from transformers import (
 from comet_ds.modeling import ARCHITECTURES
 from comet_ds.schedule import warmup_cosine
 from data_prep.errors import CometInputError
-from data_prep.fs import output_directory
-from data_prep.output import file_sha256
+from data_prep.fs import file_sha256, output_directory
 
 _SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a bird", "the teacher", "our team",
              "the farmer", "a child", "the river", "the city", "the garden", "a small boat", "the library"]

@@ -31,8 +31,7 @@ from comet_ds.config import CometInputError
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.modeling.model import CometForCausalLM
 from comet_ds.modeling.pretrained import write_comet
-from data_prep.fs import fsync_tree
-from data_prep.output import file_sha256
+from data_prep.fs import file_sha256, fsync_tree
 
 STAGING = ".staging"
 LATEST = "latest"
