@@ -113,3 +113,13 @@ def test_scalars_from_yaml_become_the_field_type():
     assert _known_fields(PlainSettings, values, "plain") == {"count": 2, "rate": 0.001, "label": "2024",
                                                               "limit": None, "flag": True}
     assert _known_fields(PlainSettings, {"rate": 3}, "plain") == {"rate": 3}  # a whole number is a number
+
+
+def test_learning_rate_schedules_warm_up_then_decay_or_hold():
+    from comet_ds.schedule import warmup_schedule
+
+    cosine, constant = warmup_schedule(2, 6), warmup_schedule(2, 6, "constant")
+    assert [cosine(step) for step in range(7)] == pytest.approx([0, 0.5, 1, 0.853553, 0.5, 0.146447, 0], abs=1e-6)
+    assert [constant(step) for step in range(7)] == [0, 0.5, 1, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'linear'"):
+        warmup_schedule(2, 6, "linear")

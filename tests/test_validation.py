@@ -92,6 +92,7 @@ EXAMPLE = Path(str(example_run_config()))
         ("train.grad_clip=.nan", "train.grad_clip must be a finite number >= 0 (got nan)"),
         ("train.weight_decay=.inf", "train.weight_decay must be a finite number >= 0 (got inf)"),
         ("train.warmup_steps=-1", "train.warmup_steps must be >= 0 (got -1)"),
+        ("train.lr_schedule=linear", "train.lr_schedule must be one of cosine, constant (got 'linear')"),
         ("comet.memory_lr_multiplier=.inf", "memory_lr_multiplier must be a positive number (got inf)"),
         ("finetune.lora_targets=q_proj", "finetune.lora_targets must be a list of module names"),
         ("finetune.lora_targets=[q_proj, 3]", "finetune.lora_targets must be a list of module names"),

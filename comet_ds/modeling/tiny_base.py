@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from comet_ds.modeling import ARCHITECTURES
-from comet_ds.schedule import warmup_cosine
+from comet_ds.schedule import warmup_schedule
 from data_prep.errors import CometInputError
 from data_prep.fs import file_sha256, output_directory
 
@@ -134,7 +134,7 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steps: 
     ids = tokenizer(text, add_special_tokens=False).input_ids
     rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(max(1, steps // 20), steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(max(1, steps // 20), steps))
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start, losses = time.perf_counter(), []

@@ -20,6 +20,7 @@ from comet_ds.config import CometConfig, CometConfigError, _known_fields
 from comet_ds.configs import names_packaged_config, packaged_deepspeed_config, packaged_deepspeed_configs
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.pipeline import PARTITION_METHODS
+from comet_ds.schedule import LR_SCHEDULES
 
 if TYPE_CHECKING:  # importlib.resources.abc is new in Python 3.11
     from importlib.resources.abc import Traversable
@@ -44,6 +45,7 @@ class TrainSettings:
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    lr_schedule: str = "cosine"  # after the warmup: "cosine" to zero at the last step, or "constant"
     grad_clip: float = 1.5
     seed: int = 0
     activation_checkpointing: bool = False
@@ -65,6 +67,9 @@ class TrainSettings:
                 raise CometConfigError(f"train.{name} must be a finite number >= 0 (got {getattr(self, name)})")
         if self.warmup_steps < 0:
             raise CometConfigError(f"train.warmup_steps must be >= 0 (got {self.warmup_steps})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise CometConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)} "
+                                   f"(got {self.lr_schedule!r})")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CometConfigError(f"train.max_tokens must be >= 2 or null (got {self.max_tokens})")
 

@@ -258,7 +258,7 @@ def _build_engine(run: RunConfig, stages: int,
                                    bptt_window=run.pipeline.bptt_window, topology=topology)
     optimizer, scheduler = build_optimizer(
         module, {id(p) for p in model.memory_parameters()}, run.train.lr, run.train.weight_decay,
-        run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps)
+        run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps, run.train.lr_schedule)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=run.deepspeed_dict())
     return model, tokenizer, CometPipelineEngine.adopt(engine, run.pipeline.bptt_window), scheduler

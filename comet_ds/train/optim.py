@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from comet_ds.schedule import warmup_cosine
+from comet_ds.schedule import warmup_schedule
 
 
 def parameter_groups(module: nn.Module, memory_params: set[int], lr: float, weight_decay: float,
@@ -22,8 +22,8 @@ def parameter_groups(module: nn.Module, memory_params: set[int], lr: float, weig
 
 
 def build_optimizer(module: nn.Module, memory_params: set[int], lr: float, weight_decay: float,
-                    memory_lr_multiplier: float, warmup_steps: int, total_steps: int,
+                    memory_lr_multiplier: float, warmup_steps: int, total_steps: int, schedule: str = "cosine",
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     groups = parameter_groups(module, memory_params, lr, weight_decay, memory_lr_multiplier)
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(warmup_steps, total_steps, schedule))
