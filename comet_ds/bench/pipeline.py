@@ -41,7 +41,7 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     stages = dist.get_world_size()
     torch.manual_seed(0)
     model, tokenizer = build_comet(base, BENCH_CONFIG)
-    module = build_pipeline_module(model, stages, bptt_window=bptt_window)
+    module = build_pipeline_module(model, stages)
     trainable = [p for p in module.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 0}, "steps_per_print": 10**9}
@@ -53,12 +53,12 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     chunks = ChunkLayout(BENCH_CONFIG, model.tokens).layout([ids])
     scale = 1.0 / max(1, sum(c.num_labels for c in chunks))
     if warmup:  # allocations, first-send metadata; memory runs skip it: their peak is the whole step's
-        engine.train_step(chunks, scale)
+        engine.train_step([chunks], scale)
     reset_peak_memory()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
-        engine.train_step(chunks, scale)
+        engine.train_step([chunks], scale)
     dist.barrier()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.tensor([peak_memory_mib()])

@@ -1,4 +1,4 @@
-"""DeepSpeed's PipelineEngine running the chunk schedule, one sequence batch per training step."""
+"""DeepSpeed's PipelineEngine running the chunk schedule: one optimizer step over one or more sequence groups."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from comet_ds.layout import Chunk
-from comet_ds.pipeline.schedule import ChunkSchedule
+from comet_ds.pipeline.schedule import ChunkSchedule, StepPlan
 from comet_ds.pipeline.stages import CometPipelineModule
 from comet_ds.resources import peak_memory_mib, reset_peak_memory
 from data_prep import memory
@@ -34,12 +34,13 @@ release_free_memory = memory.release_free_memory if not torch.cuda.is_available(
 class CometPipelineEngine(PipelineEngine):
     """PipelineEngine with the chunk schedule; set on the engine that deepspeed.initialize returns.
 
-    `train_step(chunks, scale)` runs one optimizer step over the chunks of one batch of sequences;
-    the number of chunks may change from step to step.
+    `train_step(groups, scale)` runs one optimizer step over the chunks of one or more batches of
+    sequences (gradient accumulation); the number of chunks may change from group to group and step to step.
     """
 
     bptt_window: int | None = None
     _compute_seconds = 0.0
+    _plan = StepPlan(0)
 
     @classmethod
     def adopt(cls, engine: PipelineEngine, bptt_window: int | None) -> CometPipelineEngine:
@@ -49,18 +50,22 @@ class CometPipelineEngine(PipelineEngine):
         engine.bptt_window = bptt_window
         return engine
 
-    def train_step(self, chunks: Sequence[Chunk], loss_scale: float) -> torch.Tensor:
-        """One step over `chunks` (chunk t = micro-batch t); the loss of chunk t is its summed
-        cross-entropy times `loss_scale`. Returns the step's loss as DeepSpeed aggregates it."""
+    def train_step(self, groups: Sequence[Sequence[Chunk]], loss_scale: float) -> torch.Tensor:
+        """One optimizer step over the chunks of each group of sequences, group after group (micro-batch m is
+        the m-th chunk in that order); the loss of a chunk is its summed cross-entropy times `loss_scale`.
+        Returns the step's loss as DeepSpeed aggregates it: the sum over chunks."""
         scale = torch.tensor(loss_scale, dtype=torch.float32)
-        batches = [((c.input_ids, c.roles, c.labels), scale) for c in chunks]
+        batches = [((c.input_ids, c.roles, c.labels), scale) for chunks in groups for c in chunks]
+        self._plan = StepPlan.of([len(chunks) for chunks in groups], self.bptt_window)
         self.micro_batches = len(batches)
-        self.module.reset_memory()
+        self.module.start_step(self._plan)
         self._losses_by_buffer: dict[int, torch.Tensor] = {}
+        self._chunk_of_buffer: dict[int, int] = {}
+        self._forwards = 0
         try:
             return self.train_batch(iter(batches))
         finally:
-            self.module.reset_memory()
+            self.module.start_step(None)
 
     # -- per-stage timing and memory, for the bubble fraction and peak-memory metrics -------------
 
@@ -79,14 +84,16 @@ class CometPipelineEngine(PipelineEngine):
         return {"bubble_fraction": sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak}
 
     def _train_schedule(self) -> ChunkSchedule:
-        return ChunkSchedule(self.micro_batches, self.num_stages, self.stage_id, self.bptt_window)
+        return ChunkSchedule(self._plan, self.num_stages, self.stage_id)
 
-    # The stock engine keeps only the latest micro-batch's loss, which 1F1B consumes at once; with
-    # forwards first, each buffer keeps its own loss until its backward.
+    # The stock engine keeps only the latest micro-batch's loss, which its 1F1B consumes at once; here a
+    # block's forwards run ahead of its backwards, so each buffer keeps its own loss until its backward.
     def _exec_forward_pass(self, buffer_id: int) -> None:
         begin = time.perf_counter()
         super()._exec_forward_pass(buffer_id)
         self._compute_seconds += time.perf_counter() - begin
+        self._chunk_of_buffer[buffer_id] = self._forwards  # forwards run in micro-batch order
+        self._forwards += 1
         if self.is_last_stage() and self._compute_loss:
             self._losses_by_buffer[buffer_id] = self.loss
             if self.module.training:
@@ -100,7 +107,7 @@ class CometPipelineEngine(PipelineEngine):
         begin = time.perf_counter()
         super()._exec_backward_pass(buffer_id)
         self._compute_seconds += time.perf_counter() - begin
-        if buffer_id == 0:  # a BPTT window is done: its activations are free
+        if self._plan.starts_block(self._chunk_of_buffer.pop(buffer_id)):  # a block is done: its activations are free
             release_free_memory()
 
     _INSTRUCTION_MAP: dict[Any, Any] = {  # noqa: RUF012  (a class table, as in the parent)

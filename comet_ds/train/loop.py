@@ -254,8 +254,7 @@ def _build_engine(run: RunConfig, stages: int,
     for layer in model.layers:
         layer.activation_checkpointing = run.train.activation_checkpointing
     topology = PipeDataParallelTopology(num_pp=stages, num_dp=replicas)
-    module = build_pipeline_module(model, stages, partition=run.pipeline.partition,
-                                   bptt_window=run.pipeline.bptt_window, topology=topology)
+    module = build_pipeline_module(model, stages, partition=run.pipeline.partition, topology=topology)
     optimizer, scheduler = build_optimizer(
         module, {id(p) for p in model.memory_parameters()}, run.train.lr, run.train.weight_decay,
         run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps)
@@ -345,7 +344,7 @@ def _step(state: RunState, chunks: list[Any], batch: Any) -> StepResult:
     engine.reset_stage_timers()
     lr = state.scheduler.get_last_lr()[0]
     begin = time.perf_counter()
-    loss = float(engine.train_step(chunks, loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
+    loss = float(engine.train_step([chunks], loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
     seconds = time.perf_counter() - begin
     state.losses.append(loss)
     norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
