@@ -131,7 +131,8 @@ def _memory_estimate(run: RunConfig, skeleton: torch.nn.Module, partition: list[
         "activations_per_chunk_per_stage_mib": per_chunk_activations * layers_per_stage / 2**20,
     }
     estimate = {k: round(v, 1) for k, v in estimate.items()}
-    estimate["activations_kept_chunks"] = run.pipeline.bptt_window or "all"
+    # stage 0 keeps a window plus the chunks in flight to the last stage (comet_ds/pipeline/schedule.py)
+    estimate["activations_kept_chunks"] = run.pipeline.bptt_window + stages - 1 if run.pipeline.bptt_window else "all"
     return estimate
 
 
@@ -320,7 +321,8 @@ def _train_steps(state: RunState) -> None:
     from comet_ds.train.data import StepSampler
 
     run = state.run
-    sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, run.train.sequences_per_step,
+    per_group = run.train.sequences_per_step
+    sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, per_group * run.train.accumulation_steps,
                           run.train.seed, run.train.max_tokens, run.train.group_by_length)
     layout = ChunkLayout(run.comet, state.model.tokens)
     replica = state.engine.grid.get_data_parallel_id()
@@ -328,30 +330,32 @@ def _train_steps(state: RunState) -> None:
                     dynamic_ncols=True)
     for step in range(state.start, run.train.steps):
         batch = sampler.batch(step, replica)
-        result = _step(state, layout.layout(batch.input_ids, batch.labels), batch)
+        groups = [layout.layout(batch.input_ids[i:i + per_group], batch.labels[i:i + per_group])
+                  for i in range(0, len(batch.input_ids), per_group)]
+        result = _step(state, groups, batch)
         progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}")
         progress.update(1)
         _record(state, step + 1, result)
     progress.close()
 
 
-def _step(state: RunState, chunks: list[Any], batch: Any) -> StepResult:
-    """One optimizer step over the chunks of a batch; counts it as non-finite when its loss or gradient norm
-    is not finite on any process."""
+def _step(state: RunState, groups: list[list[Any]], batch: Any) -> StepResult:
+    """One optimizer step over the chunks of a batch's sequence groups; counts it as non-finite when its loss or
+    gradient norm is not finite on any process."""
     from comet_ds.train.checkpoint import finite_on_every_rank
 
     engine = state.engine
     engine.reset_stage_timers()
     lr = state.scheduler.get_last_lr()[0]
     begin = time.perf_counter()
-    loss = float(engine.train_step([chunks], loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
+    loss = float(engine.train_step(groups, loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
     seconds = time.perf_counter() - begin
     state.losses.append(loss)
     norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
     grad_norm = float("nan") if norm is None else float(norm)
     checked = [loss] if norm is None else [loss, grad_norm]
     state.nonfinite = 0 if finite_on_every_rank([torch.tensor(checked)], engine.device) else state.nonfinite + 1
-    return StepResult(loss, lr, grad_norm, seconds, batch.global_text_tokens / seconds, len(chunks))
+    return StepResult(loss, lr, grad_norm, seconds, batch.global_text_tokens / seconds, sum(map(len, groups)))
 
 
 def _record(state: RunState, done: int, result: StepResult) -> None:
