@@ -64,8 +64,10 @@ def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
     else:
         per_layer = sum(p.numel() for p in skeleton.model.layers[0].parameters())
         trainable = total + memory_params
-    partition = _stage_partition(run.pipeline.partition, stages, num_layers,
-                                 per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
+    from comet_ds.pipeline.engine import stage_partition  # importing it checks the installed DeepSpeed
+
+    partition = stage_partition(run.pipeline.partition, stages, num_layers,
+                                per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
     estimate = _memory_estimate(run, skeleton, partition, trainable, stages)
     return Preflight(stages, num_layers, partition, trainable, total, estimate, resume_tag, tuple(skipped))
 
@@ -134,26 +136,6 @@ def _memory_estimate(run: RunConfig, skeleton: torch.nn.Module, partition: list[
     # stage 0 keeps a window plus the chunks in flight to the last stage (comet_ds/pipeline/schedule.py)
     estimate["activations_kept_chunks"] = run.pipeline.bptt_window + stages - 1 if run.pipeline.bptt_window else "all"
     return estimate
-
-
-def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: int,
-                     inserted_rows_weight: int) -> list[list[str]]:
-    """The pipeline layers each stage gets, by the rule DeepSpeed applies (weights as it counts them:
-    trainable parameters for "parameters", decoder layers for "layers")."""
-    from deepspeed.runtime import utils as ds_utils
-
-    from comet_ds.pipeline.stages import pipeline_layer_order
-
-    names = pipeline_layer_order("token embedding", "inserted rows", [f"layer {i}" for i in range(num_layers)],
-                                 "final norm", "loss")
-    if method == "uniform":
-        parts = ds_utils.partition_uniform(num_items=len(names), num_parts=stages)
-    else:
-        by_parameters = method == "parameters"
-        weights = pipeline_layer_order(0, inserted_rows_weight if by_parameters else 0,
-                                       [layer_weight if by_parameters else 1] * num_layers, 0, 0)
-        parts = ds_utils.partition_balanced(weights=weights, num_parts=stages)
-    return [names[parts[s]:parts[s + 1]] for s in range(stages)]
 
 
 def describe(run: RunConfig, check: Preflight) -> str:
