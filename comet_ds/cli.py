@@ -498,13 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("pipeline", help="pipeline training: stage overlap and memory against length",
                          description="Time real 2-stage pipeline training steps against 1 stage on the same "
                                      "sequence (as a fraction of the ideal T*S/(T+S-1)), and measure peak RSS per "
-                                     "stage for long training sequences with a fixed BPTT window.\n\n"
+                                     "stage for long training sequences, all with one BPTT window.\n\n"
                                      "example: comet-ds bench pipeline --memory-lengths 32k,1m",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=token_count, default=16384, help="sequence for the throughput runs (default: 16k)")
     p.add_argument("--memory-lengths", default="32k,1m", type=token_counts,
                    help="training sequence lengths for the memory runs (default: 32k,1m)")
-    p.add_argument("--bptt-window", type=positive_int, default=8, help="BPTT window of the memory runs (default: 8)")
+    p.add_argument("--bptt-window", type=positive_int, default=8, help="BPTT window of every run (default: 8)")
     p.add_argument("--steps", type=positive_int, default=2, help="timed steps per throughput run (default: 2)")
     p.add_argument("--repeats", type=positive_int, default=2, help="interleaved rounds of throughput runs (default: 2)")
     p.add_argument("--base", help="base model directory (default: a 4-layer tiny base built in --workdir)")

@@ -1,11 +1,12 @@
 """Pipeline training benchmark: stage overlap against the ideal, and memory against sequence length.
 
 `python -m comet_ds.bench.pipeline worker ...` runs under torchrun (one process per stage) and times
-real pipeline training steps on one random sequence; `run_all` starts the workers and compares:
+real pipeline training steps on one random sequence; `run_all` starts the workers and compares, all
+with the same BPTT window:
   * 2 stages (1 thread each) vs 1 stage (1 thread) on the same sequence, as a fraction of the ideal
-    speedup T*S/(T+S-1) for T chunks and S stages, and vs 1 stage with 2 threads (runs interleaved and
-    repeated, best of each kept, since a shared machine's speed drifts);
-  * peak RSS per stage for a 32k- and a 1M-token training sequence with a fixed BPTT window.
+    speedup T*S/(T+S-1) for T chunks and S stages (one fill and one drain per step), and vs 1 stage
+    with 2 threads (runs interleaved and repeated, best of each kept, since a shared machine's speed drifts);
+  * peak RSS per stage for a 32k- and a 1M-token training sequence.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def run_all(base: str, throughput_tokens: int, memory_lengths: list[int], bptt_w
               f"{row['step_seconds']:.2f} s/step, peak RSS per stage {row['peak_rss_mib_per_stage']} MiB", flush=True)
         return row
 
-    print(f"throughput (full BPTT, one sequence per step; best of {repeats} interleaved rounds):")
-    rounds = [[show(_launch(base, stages, threads, throughput_tokens, steps, None))
+    print(f"throughput (BPTT window {bptt_window} chunks, one sequence per step; best of {repeats} interleaved "
+          "rounds):")
+    rounds = [[show(_launch(base, stages, threads, throughput_tokens, steps, bptt_window))
                for stages, threads in ((1, 1), (2, 1), (1, 2))] for _ in range(repeats)]
     one, two, one_wide = (max((r[i] for r in rounds), key=lambda row: row["tokens_per_s"]) for i in range(3))
     chunks, stages = two["chunks"], 2
