@@ -1,5 +1,7 @@
 """The pipeline schedules replayed with blocking send/recv: timings, buffers, deadlocks (no processes)."""
 
+import json
+
 import pytest
 from deepspeed.runtime.pipe import schedule as ds
 
@@ -95,3 +97,14 @@ def test_bench_schedule_prints_both_schedules(capsys):
     out = capsys.readouterr().out
     assert "2 stages, 2 x 6 chunks, window 3:" in out
     assert "draining (before)" in out and "1F1B over blocks" in out
+
+
+def test_calibrate_measures_the_bench_model_here(base_dirs, capsys, tmp_path):
+    out_json = tmp_path / "rows.json"
+    main(["bench", "schedule", "--stages", "2", "--chunks", "4", "--window", "2", "--calibrate",
+          "--base", base_dirs["llama"], "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert f"calibrated on {base_dirs['llama']}: per stage of 2, forward" in out
+    rows = json.loads(out_json.read_text())
+    assert [row["schedule"] for row in rows] == ["draining (before)", "1F1B over blocks"]
+    assert rows[1]["makespan"] < rows[0]["makespan"]  # same measured costs, one drain instead of two

@@ -22,7 +22,7 @@ from deepspeed.runtime.pipe import schedule as ds
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from comet_ds.layout import Chunk
-from comet_ds.pipeline.schedule import ChunkSchedule, StepPlan
+from comet_ds.pipeline.schedule import BlockSchedule, ChunkSchedule, StepPlan
 from comet_ds.pipeline.stages import CometPipelineModule, pipeline_layer_order
 from comet_ds.resources import peak_memory_mib, reset_peak_memory
 from data_prep import memory
@@ -107,6 +107,7 @@ class CometPipelineEngine(PipelineEngine):
     """
 
     bptt_window: int | None = None
+    schedule: type[BlockSchedule] = ChunkSchedule  # `comet-ds bench pipeline` times the draining one against it
     _compute_seconds = 0.0
     _plan = StepPlan(0)
 
@@ -153,8 +154,8 @@ class CometPipelineEngine(PipelineEngine):
             peak[int(stage)] = max(peak[int(stage)], float(mib))
         return {"bubble_fraction": sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak}
 
-    def _train_schedule(self) -> ChunkSchedule:
-        return ChunkSchedule(self._plan, self.num_stages, self.stage_id)
+    def _train_schedule(self) -> BlockSchedule:
+        return self.schedule(self._plan, self.num_stages, self.stage_id)
 
     # The stock engine keeps only the latest micro-batch's loss, which its 1F1B consumes at once; here a
     # block's forwards run ahead of its backwards, so each buffer keeps its own loss until its backward.
