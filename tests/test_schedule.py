@@ -14,7 +14,7 @@ from comet_ds.bench.schedule import (
     replay,
 )
 from comet_ds.cli import main
-from comet_ds.pipeline.schedule import ChunkSchedule, StepPlan
+from comet_ds.pipeline.schedule import BlockSchedule, ChunkSchedule, StepPlan
 
 
 def streams(schedule: type, plan: StepPlan, stages: int) -> list:
@@ -83,6 +83,19 @@ def test_a_misordered_schedule_deadlocks_and_names_the_stuck_stages():
     plan = StepPlan.of([4], window=2)
     with pytest.raises(ScheduleDeadlock, match=r"stage 0 at RecvGrad.*stage 1 at RecvActivation"):
         replay(streams(FirstStageWaitsForAGradient, plan, 2), Costs())
+
+
+class DrainingUpstreamOfOneF1B(BlockSchedule):
+    """Stage 0 drains every window while stage 1 runs ahead: their link orders differ."""
+
+    def order(self, stage_id):
+        return (DrainingSchedule if stage_id == 0 else ChunkSchedule).order(self, stage_id)
+
+
+def test_stage_orders_that_cannot_share_a_link_are_refused():
+    with pytest.raises(ValueError, match="stage 0 cannot match stage 1: it takes the gradient of micro-batch 0 "
+                                         "before its activation 2 is computed here"):
+        DrainingUpstreamOfOneF1B(StepPlan.of([4], window=2), 2, 0)
 
 
 def test_the_old_schedule_drains_every_window():
