@@ -37,7 +37,7 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     from comet_ds.modeling.pretrained import build_comet
     from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
     from comet_ds.pipeline.stages import build_pipeline_module
-    from comet_ds.resources import peak_memory_mib, reset_peak_memory
+    from comet_ds.resources import peak_memory_mib
 
     torch.set_num_threads(threads)
     skip_shm_build()
@@ -60,18 +60,21 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     scale = 1.0 / max(1, sum(c.num_labels for c in chunks))
     if warmup:  # allocations, first-send metadata; memory runs skip it: their peak is the whole step's
         engine.train_step([chunks], scale)
-    reset_peak_memory()
+    engine.reset_stage_timers()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(steps):
         engine.train_step([chunks], scale)
     dist.barrier()
     seconds = (time.perf_counter() - start) / steps
+    # the stages' idle share as the engine measures it in training (compute time against the steps' time)
+    bubble = engine.stage_stats(seconds * steps)["bubble_fraction"]
     peak = torch.tensor([peak_memory_mib()])
     peaks = [torch.zeros_like(peak) for _ in range(stages)]
     dist.all_gather(peaks, peak)
     return {"stages": stages, "threads": threads, "schedule": schedule, "tokens": length, "chunks": len(chunks),
             "bptt_window": bptt_window, "step_seconds": round(seconds, 3), "tokens_per_s": round(length / seconds, 1),
+            "bubble_fraction": round(bubble, 4),
             "peak_rss_mib_per_stage": [round(float(p), 1) for p in peaks]}
 
 
@@ -96,7 +99,8 @@ def run_all(base: str, throughput_tokens: int, memory_lengths: list[int], bptt_w
         print(f"  {row['stages']} stage(s) x {row['threads']} thread(s), {row['schedule']:>8}, "
               f"{row['tokens']:>9,} tokens "
               f"({row['chunks']} chunks, window {row['bptt_window']}): {row['tokens_per_s']:>8,.0f} tok/s, "
-              f"{row['step_seconds']:.2f} s/step, peak RSS per stage {row['peak_rss_mib_per_stage']} MiB", flush=True)
+              f"{row['step_seconds']:.2f} s/step, bubble {row['bubble_fraction']:.3f}, "
+              f"peak RSS per stage {row['peak_rss_mib_per_stage']} MiB", flush=True)
         return row
 
     print(f"throughput (BPTT window {bptt_window} chunks, one sequence per step; best of {repeats} interleaved "
