@@ -68,6 +68,18 @@ def test_one_fill_and_one_drain_per_step_with_bounded_buffers(stages, chunks, wi
         assert isinstance(cmds[-1], ds.OptimizerStep)
 
 
+def test_every_small_shape_runs_without_deadlock_within_the_bound():
+    for stages in range(1, 6):
+        for chunks in range(1, 10):
+            for window in (1, 2, 3, None):
+                for groups in (1, 2):
+                    plan = StepPlan.of([chunks] * groups, window)
+                    result = replay(streams(ChunkSchedule, plan, stages), Costs(forward=1, backward=2))
+                    shape = (stages, chunks, window, groups)
+                    assert result.bubble_fraction <= fill_drain_bound(stages, plan.micro_batches) + 1e-12, shape
+                    assert result.num_pipe_buffers == result.peak_buffers, shape
+
+
 class FirstStageWaitsForAGradient(ChunkSchedule):
     """Stage 0 receives its first gradient before it sends anything: stage 1 waits for that activation."""
 
