@@ -9,6 +9,7 @@ from comet_ds.bench.schedule import (
     Costs,
     DrainingSchedule,
     ScheduleDeadlock,
+    ScheduleMismatch,
     compare,
     fill_drain_bound,
     replay,
@@ -95,6 +96,25 @@ def test_a_misordered_schedule_deadlocks_and_names_the_stuck_stages():
     plan = StepPlan.of([4], window=2)
     with pytest.raises(ScheduleDeadlock, match=r"stage 0 at RecvGrad.*stage 1 at RecvActivation"):
         replay(streams(FirstStageWaitsForAGradient, plan, 2), Costs())
+
+
+class SecondActivationFirst(ChunkSchedule):
+    """Stage 0 sends its first two activations in the wrong order: every transfer meets a receive, but
+    stage 1 would take chunk 1's activation as chunk 0's."""
+
+    def steps(self):
+        cmds = [cmd for step in super().steps() for cmd in step]
+        if self.is_first_stage:
+            first, second, *_ = (i for i, c in enumerate(cmds) if isinstance(c, ds.SendActivation))
+            cmds.insert(second, cmds.pop(first))  # after the second forward, its send, then the first's
+        yield from ([c] for c in cmds)
+
+
+def test_a_send_that_meets_the_wrong_receive_is_reported():
+    plan = StepPlan.of([4], window=2)
+    with pytest.raises(ScheduleMismatch, match="on the activation link 0->1, stage 0 transfers micro-batch 1 and "
+                                               "stage 1 micro-batch 0"):
+        replay(streams(SecondActivationFirst, plan, 2), Costs())
 
 
 class DrainingUpstreamOfOneF1B(BlockSchedule):

@@ -54,6 +54,10 @@ class ScheduleDeadlock(RuntimeError):
     """The stages wait on one another: no pending send has its receive issued, or the reverse."""
 
 
+class ScheduleMismatch(RuntimeError):
+    """A send and the receive it meets carry different micro-batches: the data would arrive in the wrong place."""
+
+
 @dataclass
 class ReplayResult:
     makespan: float
@@ -83,14 +87,19 @@ _LINKS = {ds.SendActivation: ("activation", 0), ds.RecvActivation: ("activation"
 
 
 def replay(schedules: Sequence[ds.PipeSchedule], costs: Costs) -> ReplayResult:
-    """Run schedule s as stage s with blocking p2p; raise ScheduleDeadlock naming the stuck stages."""
+    """Run schedule s as stage s with blocking p2p; raise ScheduleDeadlock naming the stuck stages, and
+    ScheduleMismatch where a transfer's two sides mean different micro-batches (forwards run in
+    micro-batch order, so a buffer's micro-batch is known from the forward that filled it)."""
     streams = [[cmd for step in schedule.steps() for cmd in step] for schedule in schedules]
     stages = len(streams)
     clock, busy = [0.0] * stages, [0.0] * stages
     position = [0] * stages
     live: list[set[int]] = [set() for _ in range(stages)]
+    micro_batch_of: list[dict[int, int]] = [{} for _ in range(stages)]  # buffer -> its latest forward's micro-batch
+    forwards = [0] * stages
     peak, optimizer_steps = [0] * stages, [0] * stages
-    waiting: dict[tuple[str, int, int], int] = {}  # link (kind, sender, receiver) -> the stage blocked on it
+    # link (kind, sender, receiver) -> the stage blocked on it, and the micro-batch it transfers
+    waiting: dict[tuple[str, int, int], tuple[int, int | None]] = {}
     runnable = deque(range(stages))
     while runnable:
         stage = runnable.popleft()
@@ -102,16 +111,27 @@ def replay(schedules: Sequence[ds.PipeSchedule], costs: Costs) -> ReplayResult:
                 link = (kind, sender, sender - 1 if kind == "gradient" else sender + 1)
                 if not (0 <= link[1] < stages and 0 <= link[2] < stages):
                     raise ScheduleDeadlock(f"stage {stage} issues {cmd} with no stage on the other side")
-                other = waiting.pop(link, None)
-                if other is None:
-                    waiting[link] = stage
+                # a received activation is for the next forward; everything else names a filled buffer
+                # None: a buffer no forward has filled yet (the transfer can only be wrong, if it ever meets)
+                micro_batch = forwards[stage] if isinstance(cmd, ds.RecvActivation) else \
+                    micro_batch_of[stage].get(cmd.buffer_id)
+                if link not in waiting:
+                    waiting[link] = (stage, micro_batch)
                     break  # blocked until the other side issues its half
+                other, other_micro_batch = waiting.pop(link)
+                if other_micro_batch != micro_batch or micro_batch is None:
+                    where = f"on the {kind} link {link[1]}->{link[2]}"
+                    raise ScheduleMismatch(f"{where}, stage {other} transfers micro-batch {other_micro_batch} and "
+                                           f"stage {stage} micro-batch {micro_batch}")
                 done = max(clock[stage], clock[other]) + costs.send
                 clock[stage] = clock[other] = done
                 position[other] += 1
                 runnable.append(other)
             else:
                 _account(cmd, stage, live[stage], schedules[stage].num_pipe_buffers())
+                if isinstance(cmd, ds.ForwardPass):
+                    micro_batch_of[stage][cmd.buffer_id] = forwards[stage]
+                    forwards[stage] += 1
                 cost = costs.of(cmd)
                 clock[stage] += cost
                 busy[stage] += cost
