@@ -153,3 +153,25 @@ def test_calibrate_measures_the_bench_model_here(base_dirs, capsys, tmp_path):
     rows = json.loads(out_json.read_text())
     assert [row["schedule"] for row in rows] == ["draining (before)", "1F1B over blocks"]
     assert rows[1]["makespan"] < rows[0]["makespan"]  # same measured costs, one drain instead of two
+
+
+def test_a_layer_takes_the_next_windows_forwards_between_this_windows_backwards(base_dirs):
+    import torch
+
+    from comet_ds.config import CometConfig
+    from comet_ds.layout import ChunkLayout
+    from comet_ds.modeling.pretrained import build_comet
+    from comet_ds.pipeline.stages import ChunkContexts, CometLayerPipe
+
+    config = CometConfig(chunk_size=16, global_slots=4, temp_stride=4, temp_budget=6)
+    torch.manual_seed(0)
+    model, _ = build_comet(base_dirs["llama"], config)
+    chunks = ChunkLayout(config, model.tokens).layout([list(range(4, 68))])[:4]
+    layer = CometLayerPipe(model.layers[0], ChunkContexts(model.rotary_emb, torch.float32, config.queue_capacity))
+    layer.start_step(StepPlan.of([4], window=2))
+    out = [layer((model.embedding(c.input_ids), c.roles, c.labels))[0] for c in chunks[:3]]
+    out[1].sum().backward()  # window 0's backwards, with window 1's first forward already run
+    out[0].sum().backward()
+    out.append(layer((model.embedding(chunks[3].input_ids), chunks[3].roles, chunks[3].labels))[0])
+    with pytest.raises(RuntimeError, match="backward of chunk 2 arrived while chunk 3 was next in its window"):
+        out[2].sum().backward()
