@@ -1,4 +1,4 @@
-"""Benchmarks: the streaming forward, pipeline training and data preparation."""
+"""Benchmarks: the streaming forward, pipeline training, the pipeline schedule replay and data preparation."""
 
 from comet_ds.config import CometConfig
 
