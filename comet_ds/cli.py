@@ -16,9 +16,11 @@ from data_prep.argtypes import (
     depths,
     non_negative_float,
     non_negative_int,
+    non_negative_ints,
     positive_float,
     positive_floats,
     positive_int,
+    positive_ints,
     probability,
     token_count,
     token_counts,
@@ -350,6 +352,31 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def cmd_bench_schedule(args: argparse.Namespace) -> None:
+    from comet_ds.bench.schedule import Costs, calibrate, compare, format_rows
+    from comet_ds.modeling.tiny_base import init_base
+
+    _check_bench_arguments(args)
+    rows = []
+    for stages in args.stages:
+        costs = Costs(1.0, args.backward_cost, args.send_cost)
+        if args.calibrate:
+            base = args.base or str(Path(args.workdir) / "tiny-base-4l")
+            if args.base is None and not (Path(base) / "config.json").exists():
+                init_base(base, num_layers=4)
+            costs = calibrate(base, stages)
+            print(f"calibrated on {base}: per stage of {stages}, forward {costs.forward * 1e3:.1f} ms, backward "
+                  f"{costs.backward * 1e3:.1f} ms per chunk (backward/forward {costs.backward / costs.forward:.2f})")
+        for chunks in args.chunks:
+            for window in args.window:
+                found = compare(stages, chunks, window or None, args.accumulation, costs)
+                print(f"{stages} stages, {args.accumulation} x {chunks} chunks, window {window or 'none'}:")
+                print(format_rows(found), flush=True)
+                rows += found
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from comet_ds.config import CometInputError
     from comet_ds.demo import run_demo
@@ -509,19 +536,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("pipeline", help="pipeline training: stage overlap and memory against length",
                          description="Time real 2-stage pipeline training steps against 1 stage on the same "
                                      "sequence (as a fraction of the ideal T*S/(T+S-1)), and measure peak RSS per "
-                                     "stage for long training sequences with a fixed BPTT window.\n\n"
+                                     "stage for long training sequences, all with one BPTT window.\n\n"
                                      "example: comet-ds bench pipeline --memory-lengths 32k,1m",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=token_count, default=16384, help="sequence for the throughput runs (default: 16k)")
     p.add_argument("--memory-lengths", default="32k,1m", type=token_counts,
                    help="training sequence lengths for the memory runs (default: 32k,1m)")
-    p.add_argument("--bptt-window", type=positive_int, default=8, help="BPTT window of the memory runs (default: 8)")
+    p.add_argument("--bptt-window", type=positive_int, default=8, help="BPTT window of every run (default: 8)")
     p.add_argument("--steps", type=positive_int, default=2, help="timed steps per throughput run (default: 2)")
     p.add_argument("--repeats", type=positive_int, default=2, help="interleaved rounds of throughput runs (default: 2)")
     p.add_argument("--base", help="base model directory (default: a 4-layer tiny base built in --workdir)")
     p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench_pipeline)
+
+    p = bench.add_parser("schedule", help="pipeline schedule replay: makespan, bubble and buffers, before vs now",
+                         description="Replay the instruction streams the pipeline engine runs on every stage, with "
+                                     "blocking send/recv and a cost per instruction, for the draining schedule "
+                                     "(before) and the 1F1B-over-blocks one (now): the step's makespan, the ideal "
+                                     "(the busiest stage's own work), the bubble fraction, the one-fill-one-drain "
+                                     "bound (S-1)/(M+S-1) for M micro-batches, and peak live activation buffers per "
+                                     "stage. A deadlock is an error.\n\nexample: comet-ds bench schedule --stages "
+                                     "2,4,8,16 --chunks 64,512 --window 4,8,16",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", type=positive_ints, required=True, help="pipeline stages (comma-separated list)")
+    p.add_argument("--chunks", type=positive_ints, required=True, help="chunks per sequence (comma-separated list)")
+    p.add_argument("--window", type=non_negative_ints, default=[0],
+                   help="BPTT window in chunks (comma-separated list; 0: none, the default)")
+    p.add_argument("--accumulation", type=positive_int, default=1, help="sequence groups per step (default: 1)")
+    p.add_argument("--backward-cost", type=positive_float, default=2.0,
+                   help="a chunk's backward per stage, in forwards (default: 2)")
+    p.add_argument("--send-cost", type=non_negative_float, default=0.0,
+                   help="one activation or gradient transfer, in forwards (default: 0)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure one chunk's forward and backward of the bench model here instead of the costs above")
+    p.add_argument("--base", help="base model for --calibrate (default: a 4-layer tiny base built in --workdir)")
+    p.add_argument("--workdir", default="runs/bench", help="where the tiny base is built (default: runs/bench)")
+    p.add_argument("--json", help="also write the result rows to this JSON file")
+    p.set_defaults(func=cmd_bench_schedule)
 
     p = bench.add_parser("prep", help="comet-prep throughput and memory on generated logs",
                          description="Generate a Taobao-layout user-behaviour CSV at each size and an agent-log "

@@ -72,6 +72,16 @@ non_negative_float = _number(float, lambda v: 0 <= v < float("inf"), "a finite n
 probability = _number(float, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of counts: 2,4,8."""
+    return [positive_int(x) for x in text.split(",")]
+
+
+def non_negative_ints(text: str) -> list[int]:
+    """A comma-separated list of counts where 0 means none: 0,4,8."""
+    return [non_negative_int(x) for x in text.split(",")]
+
+
 def positive_floats(text: str) -> list[float]:
     """A comma-separated list of sizes: 50,200."""
     return [positive_float(x) for x in text.split(",")]

@@ -30,11 +30,13 @@ from comet_ds.pipeline.stages import build_pipeline_module  # noqa: E402
 CONFIG = CometConfig(chunk_size=16, global_slots=4, temp_stride=4, temp_budget=6)
 
 
-def sequences_per_replica(vocab: int, replicas: int) -> list[list[list[int]]]:
-    """Per data-parallel replica, a batch of 2 sequences of different lengths (>= 4 chunks)."""
+def groups_per_replica(vocab: int, replicas: int, groups: int) -> list[list[list[list[int]]]]:
+    """Per data-parallel replica, `groups` batches of 2 sequences of different lengths (>= 4 chunks)."""
     g = torch.Generator().manual_seed(1)
     lengths = [(75, 50), (66, 40), (80, 20), (70, 64)]
-    return [[torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths[r]] for r in range(replicas)]
+    assert replicas * groups <= len(lengths)
+    return [[[torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths[r * groups + i]]
+             for i in range(groups)] for r in range(replicas)]
 
 
 def main() -> None:
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--bptt-window", type=int, default=0)
+    parser.add_argument("--accumulation", type=int, default=1, help="sequence groups per optimizer step")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--reference-window", type=int, default=-1,
                         help="BPTT window of the reference (default: the pipeline's); a mismatch must be caught")
@@ -64,17 +67,18 @@ def main() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
 
     layout = ChunkLayout(CONFIG, model.tokens)
-    data = sequences_per_replica(len(tokenizer) - CONFIG.global_slots - 2, replicas)
-    all_chunks = [layout.layout(batch) for batch in data]
-    total_labels = sum(c.num_labels for chunks in all_chunks for c in chunks)
+    data = groups_per_replica(len(tokenizer) - CONFIG.global_slots - 2, replicas, args.accumulation)
+    all_groups = [[layout.layout(batch) for batch in groups] for groups in data]
+    total_labels = sum(c.num_labels for groups in all_groups for chunks in groups for c in chunks)
 
-    # single-process reference over every replica's data: one global token mean
-    ref_sum = sum(reference(chunks, bptt_window=reference_window).loss_sum for chunks in all_chunks)
+    # single-process reference over every replica's data, one sequence group after another: one global token mean
+    ref_sum = sum(reference(chunks, bptt_window=reference_window).loss_sum
+                  for groups in all_groups for chunks in groups)
     (ref_sum / total_labels).backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
     topology = PipeDataParallelTopology(num_pp=args.stages, num_dp=replicas)
-    module = build_pipeline_module(model, args.stages, bptt_window=window, topology=topology)
+    module = build_pipeline_module(model, args.stages, topology=topology)
     trainable = [p for p in module.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
@@ -94,7 +98,7 @@ def main() -> None:
     engine._take_model_step = snapshot_then_step
     before = {names[id(p)]: p.detach().clone() for p in trainable}
     my_replica = engine.grid.get_data_parallel_id()
-    loss = engine.train_step(all_chunks[my_replica], loss_scale=replicas / total_labels)
+    loss = engine.train_step(all_groups[my_replica], loss_scale=replicas / total_labels)
     if args.zero == 1:
         snapshot = {names[id(p)]: (before[names[id(p)]] - p.detach()) / lr for p in trainable}
 
@@ -112,7 +116,8 @@ def main() -> None:
                   "max_rel_grad_err": max(s[0].item() for s in gathered),
                   "compared_per_rank": [int(s[1]) for s in gathered],
                   "memory_grads_per_rank": [int(s[2]) for s in gathered],
-                  "trainable_tensors": len(ref_grads), "chunks": [len(c) for c in all_chunks]}
+                  "trainable_tensors": len(ref_grads),
+                  "chunks": [[len(c) for c in groups] for groups in all_groups]}
         with open(args.out, "w") as handle:
             json.dump(result, handle)
     dist.barrier()

@@ -79,6 +79,21 @@ def test_run_config_values_are_typed_and_wrong_types_name_the_setting():
             load_run_config(example, [override])
 
 
+def test_accumulation_is_a_run_setting_checked_with_the_config(tmp_path):
+    from comet_ds.train.config import load_run_config
+
+    example = Path(str(example_run_config()))
+    assert load_run_config(example, ["train.accumulation_steps=4"]).train.accumulation_steps == 4
+    with pytest.raises(CometConfigError, match=re.escape("train.accumulation_steps must be >= 1 (got 0)")):
+        load_run_config(example, ["train.accumulation_steps=0"])
+    deepspeed_json = tmp_path / "ds.json"
+    deepspeed_json.write_text('{"gradient_accumulation_steps": 4}')
+    run = load_run_config(example, [f"deepspeed_config={deepspeed_json}"])
+    with pytest.raises(CometConfigError, match=re.escape(
+            "sets 'gradient_accumulation_steps'; remove it and set train.accumulation_steps in the run config")):
+        run.deepspeed_dict()
+
+
 # this module does not postpone annotations (no `from __future__ import annotations`), so these field
 # types are classes, not the strings "int", "float | None", ...
 @dataclass(frozen=True)

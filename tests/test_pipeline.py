@@ -35,12 +35,19 @@ def assert_exact(result: dict, stages: int = 2, extra_tied_copies: int = 0) -> N
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_two_stages_match_full_backprop_through_memory(base_dirs, tmp_path, arch):
     result = run_pipeline(base_dirs[arch], tmp_path)
-    assert result["chunks"] == [5]  # T >= 4 chunks, FIFO evicting
+    assert result["chunks"] == [[5]]  # T >= 4 chunks, FIFO evicting
     assert_exact(result)
 
 
 def test_bptt_window_matches_a_reference_cut_at_the_same_chunks(base_dirs, tmp_path):
     assert_exact(run_pipeline(base_dirs["llama"], tmp_path, "--bptt-window", "2"))
+
+
+def test_a_window_that_does_not_divide_the_chunks_with_two_accumulation_groups(base_dirs, tmp_path):
+    # windows [0-2][3-4] in each group; the second group's forwards overlap the first group's backwards
+    result = run_pipeline(base_dirs["llama"], tmp_path, "--bptt-window", "3", "--accumulation", "2")
+    assert result["chunks"] == [[5, 5]]
+    assert_exact(result)
 
 
 def test_zero_stage_1_matches_too(base_dirs, tmp_path):
@@ -58,7 +65,13 @@ def test_the_comparison_catches_a_gradient_cut_in_the_wrong_place(base_dirs, tmp
 
 def test_two_data_parallel_replicas(base_dirs, tmp_path):
     result = run_pipeline(base_dirs["qwen3"], tmp_path, "--stages", "1")
-    assert result["chunks"] == [5, 5]
+    assert result["chunks"] == [[5], [5]]
+    assert_exact(result, stages=1)
+
+
+def test_two_data_parallel_replicas_with_two_accumulation_groups(base_dirs, tmp_path):
+    result = run_pipeline(base_dirs["llama"], tmp_path, "--stages", "1", "--accumulation", "2", "--bptt-window", "2")
+    assert result["chunks"] == [[5, 5], [5, 5]]
     assert_exact(result, stages=1)
 
 

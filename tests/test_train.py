@@ -179,7 +179,8 @@ def test_init_from_starts_the_pipeline_from_an_earlier_adapter(base_dirs, passke
     from comet_ds.train.config import load_run_config
     from comet_ds.train.data import StepSampler, load_training_dataset
 
-    config = write_short_run(tmp_path, base_dirs["llama"], passkey_data, steps=1, save_every=1)
+    # two accumulation groups of one sequence: the step's loss is the token mean over both sequences
+    config = write_short_run(tmp_path, base_dirs["llama"], passkey_data, steps=1, save_every=1, accumulation_steps=2)
     run = load_run_config(config, [f"init_from={two_step_run / 'adapter'}"])
     config.write_text(yaml.safe_dump(run.to_dict()))
     done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
@@ -188,7 +189,7 @@ def test_init_from_starts_the_pipeline_from_an_earlier_adapter(base_dirs, passke
 
     # the same first batch through the seeding adapter in one process: the same loss
     model, _, _ = load_comet(two_step_run / "adapter")
-    batch = StepSampler(load_training_dataset(passkey_data), 1, run.train.sequences_per_step, run.train.seed,
+    batch = StepSampler(load_training_dataset(passkey_data), 1, 2 * run.train.sequences_per_step, run.train.seed,
                         run.train.max_tokens).batch(0, 0)
     reference = model(ChunkLayout(run.comet, model.tokens).iter_chunks(batch.input_ids, batch.labels)).loss.item()
     assert first_loss == pytest.approx(reference, rel=1e-5)

@@ -1,5 +1,5 @@
-"""Benchmarks: the streaming forward, pipeline training, data preparation, and CoMeT against full attention
-at real shapes on a GPU (`gpu`, with its own shapes and settings)."""
+"""Benchmarks: the streaming forward, pipeline training, the pipeline schedule replay, data preparation, and
+CoMeT against full attention at real shapes on a GPU (`gpu`, with its own shapes and settings)."""
 
 from comet_ds.config import CometConfig
 

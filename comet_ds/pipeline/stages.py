@@ -5,8 +5,9 @@ decoder layer, final norm, loss. Activations crossing stages: (hidden [B, L, H] 
 long, labels [B, L] long). Roles rebuild the chunk's masks, positions and memory indices on every
 stage; labels ride along to the head. Each layer keeps its own memory state between chunks: the
 memory a chunk receives is a detached leaf, and a `MemoryBridge` on the layer output hands the
-gradient that the next chunk left on that leaf back into this chunk's graph, so reverse-order
-backwards give exactly the gradients of full backpropagation through time.
+gradient that the next chunk left on that leaf back into this chunk's graph, so backwards in reverse
+order inside each block of the step's `StepPlan` give exactly the gradients of backpropagation through
+time cut at the block boundaries.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from comet_ds.modeling.memory import MemoryState, detach_state
 from comet_ds.modeling.model import CometForCausalLM, labelled_loss_sum, not_predicted_mask
 from comet_ds.modeling.tokens import CometEmbedding, replace_inserted_rows
 from comet_ds.pipeline import PARTITION_METHODS
+from comet_ds.pipeline.schedule import StepPlan
 
 StageActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -51,12 +53,12 @@ class MemoryBridge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, owner: CometLayerPipe, chunk: int, *state: torch.Tensor) -> torch.Tensor:
-        ctx.owner, ctx.chunk = owner, chunk
+        ctx.owner, ctx.chunk, ctx.states = owner, chunk, len(state)
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return (grad, None, None, *ctx.owner.take_memory_grads(ctx.chunk))
+        return (grad, None, None, *ctx.owner.take_memory_grads(ctx.chunk, ctx.states))
 
 
 def _tensors(state: MemoryState) -> list[torch.Tensor]:
@@ -66,51 +68,57 @@ def _tensors(state: MemoryState) -> list[torch.Tensor]:
 class CometLayerPipe(nn.Module):
     """One CoMeT layer as a pipeline layer, carrying its memory across the chunks of a sequence."""
 
-    def __init__(self, layer: CometLayer, contexts: ChunkContexts, bptt_window: int | None = None):
+    def __init__(self, layer: CometLayer, contexts: ChunkContexts):
         super().__init__()
         self.layer = layer
         self.contexts = contexts
-        self.bptt_window = bptt_window
-        self.reset_memory()
+        self.start_step(None)
 
-    def reset_memory(self) -> None:
-        """Start a new sequence: no memory, no pending gradients."""
-        self._chunk = 0
+    def start_step(self, plan: StepPlan | None) -> None:
+        """Start a step's micro-batches (None: one sequence, never cut): no memory, no pending gradients."""
+        self._plan = plan or StepPlan(0)
+        self._chunk = 0  # the next forward's micro-batch
         self._state: MemoryState | None = None
         self._leaves: dict[int, MemoryState] = {}
-        self._awaiting_backward: list[int] = []
+        self._awaiting_backward: dict[int, list[int]] = {}  # block -> its forwarded chunks without backward
 
     def forward(self, inputs: StageActivations) -> StageActivations:
         hidden, roles, labels = inputs
         chunk, self._chunk = self._chunk, self._chunk + 1
+        if chunk in self._plan.sequence_starts:
+            self._state = None
         state = self._incoming_state(chunk)
         out, self._state = self.layer(hidden, self.contexts.get(roles), state)
         if torch.is_grad_enabled():
-            self._awaiting_backward.append(chunk)
+            self._awaiting_backward.setdefault(self._plan.block_of(chunk), []).append(chunk)
             out = MemoryBridge.apply(out, self, chunk, *_tensors(self._state))
         return out.contiguous(), roles, labels
 
     def _incoming_state(self, chunk: int) -> MemoryState | None:
         state = detach_state(self._state)
-        cut = self.bptt_window and chunk % self.bptt_window == 0
-        if state is None or cut or not torch.is_grad_enabled():
+        if state is None or self._plan.starts_block(chunk) or not torch.is_grad_enabled():
             return state
         leaves = MemoryState(*(None if x is None else x.requires_grad_() for x in state))
         self._leaves[chunk] = leaves
         return leaves
 
-    def take_memory_grads(self, chunk: int) -> list[torch.Tensor | None]:
-        """Gradients the backward of chunk+1 left on its incoming memory (None where it has none)."""
-        expected = self._awaiting_backward[-1] if self._awaiting_backward else None
+    def take_memory_grads(self, chunk: int, states: int) -> list[torch.Tensor | None]:
+        """Gradients the backward of chunk+1 left on the `states` memory tensors chunk produced (None where
+        chunk+1 took none: a cut, or the last chunk of a sequence)."""
+        block = self._plan.block_of(chunk)
+        pending = self._awaiting_backward.get(block, [])
+        expected = pending[-1] if pending else None
         if chunk != expected:
             raise RuntimeError(
-                f"CoMeT memory gradients must flow backward in reverse chunk order: backward of chunk {chunk} "
-                f"arrived while chunk {expected} was next; the pipeline schedule must run the forwards of a "
-                "window, then its backwards from the last chunk to the first")
-        self._awaiting_backward.pop()
+                f"CoMeT memory gradients must flow backward in reverse chunk order within a BPTT window: backward "
+                f"of chunk {chunk} arrived while chunk {expected} was next in its window; the pipeline schedule "
+                "must run each window's backwards from its last chunk to its first")
+        pending.pop()
+        if not pending:
+            del self._awaiting_backward[block]
         leaves = self._leaves.pop(chunk + 1, None)
         if leaves is None:
-            return [None] * len(_tensors(self._state))
+            return [None] * states
         return [x.grad for x in _tensors(leaves)]
 
 
@@ -190,15 +198,15 @@ def pipeline_layer_order(embedding: T, inserted_rows: T, decoder_layers: Sequenc
 
 
 class CometPipelineModule(PipelineModule):
-    def reset_memory(self) -> None:
-        """Start a new batch of sequences on every layer of this stage."""
+    def start_step(self, plan: StepPlan | None) -> None:
+        """Start a step's sequence groups on every layer of this stage (None: forget the last step's)."""
         for module in self.modules():
             if isinstance(module, CometLayerPipe):
-                module.reset_memory()
+                module.start_step(plan)
 
 
 def build_pipeline_module(model: CometForCausalLM, num_stages: int, *, partition: str = "layers",
-                          bptt_window: int | None = None, topology: object | None = None) -> CometPipelineModule:
+                          topology: object | None = None) -> CometPipelineModule:
     """Split a CoMeT model into `num_stages` stages: embedding, one layer per decoder layer, head."""
     if partition not in PARTITION_METHODS:
         raise ValueError(f"partition must be one of {', '.join(PARTITION_METHODS)} (got {partition!r})")
@@ -207,7 +215,7 @@ def build_pipeline_module(model: CometForCausalLM, num_stages: int, *, partition
         raise ValueError(f"{num_stages} pipeline stages for {num_layers} decoder layers: use at most "
                          f"{num_layers} stages")
     contexts = ChunkContexts(model.rotary_emb, model.embedding.new_rows.dtype, model.config.queue_capacity)
-    layers: list[nn.Module | LayerSpec] = [CometLayerPipe(layer, contexts, bptt_window) for layer in model.layers]
+    layers: list[nn.Module | LayerSpec] = [CometLayerPipe(layer, contexts) for layer in model.layers]
     embed_tokens, lm_head, inserted = model.embedding.base, model.head.lm_head, model.tokens.inserted_ids
     if lm_head.weight is embed_tokens.weight:
         first = TiedLayerSpec("embed_tokens", TokenEmbeddingPipe, embed_tokens, inserted,

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is new in Python 3.11
 OWNED_DEEPSPEED_KEYS = {
     "train_batch_size": "train.sequences_per_step",
     "train_micro_batch_size_per_gpu": "train.sequences_per_step",
-    "gradient_accumulation_steps": "train.sequences_per_step",
+    "gradient_accumulation_steps": "train.accumulation_steps",
     "gradient_clipping": "train.grad_clip",
     "optimizer": "train.lr and train.weight_decay",
     "scheduler": "train.warmup_steps",
@@ -39,7 +39,10 @@ OWNED_DEEPSPEED_KEYS = {
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int = 100
-    sequences_per_step: int = 1  # per data-parallel replica
+    sequences_per_step: int = 1  # per data-parallel replica and accumulation group
+    # sequence groups per optimizer step, each of sequences_per_step sequences; the pipeline overlaps one
+    # group's backwards with the next one's forwards
+    accumulation_steps: int = 1
     max_tokens: int | None = None  # truncate longer sequences
     group_by_length: bool = False  # each step's sequences share one length (no padding to the longest)
     lr: float = 5e-5
@@ -56,8 +59,8 @@ class TrainSettings:
     max_nonfinite_steps: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "sequences_per_step", "log_every", "save_every", "keep_checkpoints",
-                     "max_nonfinite_steps"):
+        for name in ("steps", "sequences_per_step", "accumulation_steps", "log_every", "save_every",
+                     "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise CometConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -165,6 +168,8 @@ class RunConfig:
             raise CometConfigError(
                 f"{path}: with ZeRO stage 0 DeepSpeed's pipeline clips by the first stage's gradient norm only; "
                 "use zero_optimization.stage 1, or set train.grad_clip to 0")
+        # the engine's train_step runs the accumulation groups as micro-batches of one DeepSpeed batch, and
+        # the loss scale already averages over all of them: DeepSpeed must not divide by its own count
         return {**config, "train_micro_batch_size_per_gpu": self.train.sequences_per_step,
                 "gradient_accumulation_steps": 1, "gradient_clipping": self.train.grad_clip,
                 "steps_per_print": config.get("steps_per_print", 10**9)}

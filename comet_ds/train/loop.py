@@ -64,8 +64,10 @@ def preflight(run: RunConfig, resume: str | None = None) -> Preflight:
     else:
         per_layer = sum(p.numel() for p in skeleton.model.layers[0].parameters())
         trainable = total + memory_params
-    partition = _stage_partition(run.pipeline.partition, stages, num_layers,
-                                 per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
+    from comet_ds.pipeline.engine import stage_partition  # importing it checks the installed DeepSpeed
+
+    partition = stage_partition(run.pipeline.partition, stages, num_layers,
+                                per_layer + memory_params // num_layers, (c.global_slots + 2) * h)
     estimate = _memory_estimate(run, skeleton, partition, trainable, stages)
     return Preflight(stages, num_layers, partition, trainable, total, estimate, resume_tag, tuple(skipped))
 
@@ -131,28 +133,9 @@ def _memory_estimate(run: RunConfig, skeleton: torch.nn.Module, partition: list[
         "activations_per_chunk_per_stage_mib": per_chunk_activations * layers_per_stage / 2**20,
     }
     estimate = {k: round(v, 1) for k, v in estimate.items()}
-    estimate["activations_kept_chunks"] = run.pipeline.bptt_window or "all"
+    # stage 0 keeps a window plus the chunks in flight to the last stage (comet_ds/pipeline/schedule.py)
+    estimate["activations_kept_chunks"] = run.pipeline.bptt_window + stages - 1 if run.pipeline.bptt_window else "all"
     return estimate
-
-
-def _stage_partition(method: str, stages: int, num_layers: int, layer_weight: int,
-                     inserted_rows_weight: int) -> list[list[str]]:
-    """The pipeline layers each stage gets, by the rule DeepSpeed applies (weights as it counts them:
-    trainable parameters for "parameters", decoder layers for "layers")."""
-    from deepspeed.runtime import utils as ds_utils
-
-    from comet_ds.pipeline.stages import pipeline_layer_order
-
-    names = pipeline_layer_order("token embedding", "inserted rows", [f"layer {i}" for i in range(num_layers)],
-                                 "final norm", "loss")
-    if method == "uniform":
-        parts = ds_utils.partition_uniform(num_items=len(names), num_parts=stages)
-    else:
-        by_parameters = method == "parameters"
-        weights = pipeline_layer_order(0, inserted_rows_weight if by_parameters else 0,
-                                       [layer_weight if by_parameters else 1] * num_layers, 0, 0)
-        parts = ds_utils.partition_balanced(weights=weights, num_parts=stages)
-    return [names[parts[s]:parts[s + 1]] for s in range(stages)]
 
 
 def describe(run: RunConfig, check: Preflight) -> str:
@@ -254,8 +237,7 @@ def _build_engine(run: RunConfig, stages: int,
     for layer in model.layers:
         layer.activation_checkpointing = run.train.activation_checkpointing
     topology = PipeDataParallelTopology(num_pp=stages, num_dp=replicas)
-    module = build_pipeline_module(model, stages, partition=run.pipeline.partition,
-                                   bptt_window=run.pipeline.bptt_window, topology=topology)
+    module = build_pipeline_module(model, stages, partition=run.pipeline.partition, topology=topology)
     optimizer, scheduler = build_optimizer(
         module, {id(p) for p in model.memory_parameters()}, run.train.lr, run.train.weight_decay,
         run.comet.memory_lr_multiplier, run.train.warmup_steps, run.train.steps, run.train.lr_schedule)
@@ -321,7 +303,8 @@ def _train_steps(state: RunState) -> None:
     from comet_ds.train.data import StepSampler
 
     run = state.run
-    sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, run.train.sequences_per_step,
+    per_group = run.train.sequences_per_step
+    sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, per_group * run.train.accumulation_steps,
                           run.train.seed, run.train.max_tokens, run.train.group_by_length)
     layout = ChunkLayout(run.comet, state.model.tokens)
     replica = state.engine.grid.get_data_parallel_id()
@@ -329,30 +312,32 @@ def _train_steps(state: RunState) -> None:
                     dynamic_ncols=True)
     for step in range(state.start, run.train.steps):
         batch = sampler.batch(step, replica)
-        result = _step(state, layout.layout(batch.input_ids, batch.labels), batch)
+        groups = [layout.layout(batch.input_ids[i:i + per_group], batch.labels[i:i + per_group])
+                  for i in range(0, len(batch.input_ids), per_group)]
+        result = _step(state, groups, batch)
         progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}")
         progress.update(1)
         _record(state, step + 1, result)
     progress.close()
 
 
-def _step(state: RunState, chunks: list[Any], batch: Any) -> StepResult:
-    """One optimizer step over the chunks of a batch; counts it as non-finite when its loss or gradient norm
-    is not finite on any process."""
+def _step(state: RunState, groups: list[list[Any]], batch: Any) -> StepResult:
+    """One optimizer step over the chunks of a batch's sequence groups; counts it as non-finite when its loss or
+    gradient norm is not finite on any process."""
     from comet_ds.train.checkpoint import finite_on_every_rank
 
     engine = state.engine
     engine.reset_stage_timers()
     lr = state.scheduler.get_last_lr()[0]
     begin = time.perf_counter()
-    loss = float(engine.train_step(chunks, loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
+    loss = float(engine.train_step(groups, loss_scale=state.replicas / max(1, batch.global_trained_tokens)))
     seconds = time.perf_counter() - begin
     state.losses.append(loss)
     norm = engine.get_global_grad_norm()  # None where DeepSpeed computes none
     grad_norm = float("nan") if norm is None else float(norm)
     checked = [loss] if norm is None else [loss, grad_norm]
     state.nonfinite = 0 if finite_on_every_rank([torch.tensor(checked)], engine.device) else state.nonfinite + 1
-    return StepResult(loss, lr, grad_norm, seconds, batch.global_text_tokens / seconds, len(chunks))
+    return StepResult(loss, lr, grad_norm, seconds, batch.global_text_tokens / seconds, sum(map(len, groups)))
 
 
 def _record(state: RunState, done: int, result: StepResult) -> None:
