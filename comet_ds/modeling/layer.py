@@ -33,16 +33,20 @@ def chunk_attention_mask(roles: torch.Tensor) -> torch.Tensor | None:
     attended = attention_mask_from_roles(roles).bool()
     if bool((attended[:, 1:] <= attended[:, :-1]).all()):  # attended tokens are a prefix of every row
         return None
-    return allowed_keys(roles)
+    return _allowed(attended)
 
 
 def allowed_keys(roles: torch.Tensor) -> torch.Tensor:
     """[B, 1, L, L] bool: True where a token may attend (see chunk_attention_mask)."""
-    length = roles.shape[-1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
-    allowed = causal & attention_mask_from_roles(roles).bool()[:, None, :]
+    return _allowed(attention_mask_from_roles(roles).bool())
+
+
+def _allowed(attended: torch.Tensor) -> torch.Tensor:
+    length = attended.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attended.device).tril()
+    allowed = causal & attended[:, None, :]
     keyless = ~allowed.any(dim=-1, keepdim=True)
-    return (allowed | (keyless & torch.eye(length, dtype=torch.bool, device=roles.device)))[:, None]
+    return (allowed | (keyless & torch.eye(length, dtype=torch.bool, device=attended.device)))[:, None]
 
 
 @dataclass(frozen=True)
