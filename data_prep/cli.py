@@ -107,8 +107,11 @@ def _summary(noun: str, read: int, writer: DatasetWriter, too_long: int) -> str:
             f"{writer.samples} samples{left_out}")
 
 
-def _held_out_keys(path: str | None) -> frozenset[str]:
-    """The keys in a --hold-out-keys file: one decimal key a line, blank lines ignored."""
+def _held_out_keys(path: str | None, kind: str) -> frozenset[str]:
+    """The keys in a --hold-out-keys file: one decimal key a line, blank lines ignored; at least one key of
+    `kind`'s range must stay free to draw."""
+    from data_prep.passkey import KEY_RANGES
+
     if path is None:
         return frozenset()
     try:
@@ -117,7 +120,12 @@ def _held_out_keys(path: str | None) -> frozenset[str]:
         raise SystemExit(f"comet-prep: --hold-out-keys {path}: cannot read it ({error})") from None
     if bad := next((line for line in lines if not line.isdecimal()), None):
         raise SystemExit(f"comet-prep: --hold-out-keys {path}: {bad[:40]!r} is not a key (one number a line)")
-    return frozenset(lines)
+    held_out = frozenset(lines)
+    low, high = KEY_RANGES[kind]
+    if sum(low <= int(key) <= high for key in held_out) > high - low:
+        raise SystemExit(f"comet-prep: --hold-out-keys {path} holds every {kind} key from {low} to {high}: "
+                         "none would be left to draw")
+    return held_out
 
 
 def cmd_retrieval(args: argparse.Namespace) -> None:
@@ -130,7 +138,7 @@ def cmd_retrieval(args: argparse.Namespace) -> None:
     _check_tokenizer(args)
     rng = random.Random(args.seed)  # one seed per sample: the same samples at any --num-proc
     cells = itertools.product(args.lengths, args.depths, range(args.samples_per_cell))
-    held_out = _held_out_keys(args.hold_out_keys)
+    held_out = _held_out_keys(args.hold_out_keys, args.command)
     tasks = [(i, args.command, length, depth, rng.randrange(2**63), held_out)
              for i, (length, depth, _) in enumerate(cells)]
     with _writer(args, keep_rejects=False) as writer:

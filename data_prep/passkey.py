@@ -65,6 +65,8 @@ def _hidden_fact(tokenizer: Encoder, length: int, depth: float, instruction: str
 
 
 PASSKEY_RANGE = (10000, 99999)  # 5-digit keys
+NEEDLE_RANGE = (1_000_000, 9_999_999)  # 7-digit magic numbers
+KEY_RANGES = {"passkey": PASSKEY_RANGE, "needle": NEEDLE_RANGE}
 
 
 def draw_key(rng: random.Random, low: int, high: int, held_out: frozenset[str] = frozenset()) -> str:
@@ -94,7 +96,7 @@ def needle_sample(tokenizer: Encoder, length: int, depth: float, rng: random.Ran
                   held_out: frozenset[str] = frozenset()) -> PasskeySample:
     """RULER-style single needle: a 7-digit magic number for a named key, asked back by that name."""
     word = rng.choice(NEEDLE_WORDS)
-    key = draw_key(rng, 1_000_000, 9_999_999, held_out)
+    key = draw_key(rng, *NEEDLE_RANGE, held_out)
     ids, labels = _hidden_fact(tokenizer, length, depth, NEEDLE_INSTRUCTION, NEEDLE_FILLER,
                                NEEDLE_FACT.format(word=word, key=key), NEEDLE_QUESTION.format(word=word), key,
                                "needle")

@@ -109,3 +109,6 @@ def test_held_out_keys_never_appear_and_every_other_sample_is_unchanged(base_dir
     (tmp_path / "bad.txt").write_text("12345\nnot-a-key\n")
     with pytest.raises(SystemExit, match="'not-a-key' is not a key"):
         answers(tmp_path / "bad", "--hold-out-keys", str(tmp_path / "bad.txt"))
+    (tmp_path / "all.txt").write_text("\n".join(map(str, range(10000, 100000))))  # drawing would never end
+    with pytest.raises(SystemExit, match="holds every passkey key from 10000 to 99999"):
+        answers(tmp_path / "all", "--hold-out-keys", str(tmp_path / "all.txt"))
