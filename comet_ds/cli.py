@@ -386,7 +386,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                               "(copying a key back in context takes about 2,500 steps)")
     run_demo(args.out, overwrite=args.overwrite, arch=args.arch, pretrain_steps=args.pretrain_steps, scale=args.scale,
              seed=args.seed, tokens=args.tokens, eval_samples=args.eval_samples, eval_up_to=args.eval_up_to,
-             threads=args.threads)
+             threads=args.threads, train_threads=args.train_threads)
 
 
 def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=positive_int, default=32768,
                    help="tokens to stream after training (default: 32768)")
     p.add_argument("--threads", type=positive_int, default=2, help="torch threads outside training (default: 2)")
+    p.add_argument("--train-threads", type=positive_int, default=1,
+                   help="torch threads of each of the 2 training processes (default: 1; 2 cores run them best)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -40,7 +40,7 @@ GENERATE_SEED = 12345
 
 
 def run_demo(out: str | Path, *, overwrite: bool, arch: str, pretrain_steps: int | None, scale: float, seed: int,
-             tokens: int, eval_samples: int, eval_up_to: int, threads: int) -> None:
+             tokens: int, eval_samples: int, eval_up_to: int, threads: int, train_threads: int) -> None:
     """Run every step of the demo into `out` (new or empty, or with `overwrite` an earlier demo's), printing
     a numbered, timed line per step and at the end where the heatmap, adapter, merged model and MLflow store are."""
     import torch
@@ -62,7 +62,7 @@ def run_demo(out: str | Path, *, overwrite: bool, arch: str, pretrain_steps: int
             # every stage of every seed draws samples (and keys) of its own
             run_config = _write_stage(out, base, recipe["run"], stage, steps, seed, seed * 100 + index, adapter,
                                       held_out, overwrite)
-            _train(run_config)
+            _train(run_config, train_threads)
         adapter = out / "stages" / stage["name"] / "adapter"
     curve = _plot_training(out, [stage["name"] for stage in recipe["stages"]], seed)
     with step("reload the trained adapter, export it with LoRA merged"):
@@ -133,7 +133,7 @@ def _write_stage(out: Path, base: Path, run: dict, stage: dict, steps: int, seed
           "--quiet", "--output", str(data),
           *(["--overwrite"] if overwrite else [])])
     config = {**run, "base_model": str(base), "dataset": str(data), "output_dir": str(out / "stages" / name),
-              "train": {**run["train"], "steps": steps, "save_every": steps, "seed": seed},
+              "train": {**run["train"], **stage.get("train", {}), "steps": steps, "save_every": steps, "seed": seed},
               "tracking": {**run["tracking"], "tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "run_name": name}}
     if init_from is not None:
         config["init_from"] = str(init_from)
@@ -152,13 +152,14 @@ def _plot_training(out: Path, stages: list[str], seed: int) -> Path:
     return path
 
 
-def _train(run_config: Path) -> None:
-    """`comet-ds train` on 2 pipeline stages, through the deepspeed launcher as a real run would go."""
+def _train(run_config: Path, threads: int) -> None:
+    """`comet-ds train` on 2 pipeline stages, `threads` torch threads each, through the deepspeed launcher as a
+    real run would go."""
     from comet_ds.resources import free_port
 
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                 str(free_port()), "--no_local_rank", "--module", "comet_ds.cli", "train", "--config", str(run_config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if subprocess.run(launcher, env=env, check=False).returncode != 0:
         raise SystemExit("comet-ds demo: training failed (its output is above)")
 
