@@ -52,6 +52,25 @@ def test_lora_directory_round_trip_and_merged_export(base_dirs, arch, tmp_path):
     torch.testing.assert_close(logits_of(merged, IDS), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_a_merged_export_never_generates_inserted_tokens(base_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    save_comet(model, tokenizer, tmp_path / "adapter", FinetuneSettings(), base_dirs["llama"])
+    main(["export", "--adapter", str(tmp_path / "adapter"), "--merge", "--out", str(tmp_path / "merged")])
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    inserted = list(model.tokens.inserted_ids)
+    assert plain.generation_config.suppress_tokens == inserted
+    prompt = torch.tensor([IDS[:12]])
+    with torch.no_grad():  # make every inserted token the likeliest next token: its head row outscores the others
+        hidden = plain.model(prompt).last_hidden_state[0, -1]
+        plain.lm_head.weight[inserted] = 100 * hidden / hidden.norm() ** 2
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    assert plain.generate(prompt, **settings, suppress_tokens=None)[0, 12] in inserted  # unsuppressed: picked
+    new = plain.generate(prompt, **settings)[0, 12:].tolist()
+    assert len(new) == 6 and not set(new) & set(inserted)
+
+
 def test_full_finetune_round_trip(base_dirs, tmp_path):
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG, FinetuneSettings(method="full"))
     trained_like(model)

@@ -285,6 +285,9 @@ def export_merged(path: str | Path, out: str | Path, base_model: str | Path | No
         model = CometForCausalLM(merged, CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"]))
         model.load_comet_state_dict(load_file(path / MEMORY_WEIGHTS), source=str(path / MEMORY_WEIGHTS))
     model.embedding.write_into_base()
+    # the inserted tokens' output rows were trained only as inputs: a plain transformers generate() must never pick
+    # one, so the export's generation config suppresses them
+    model.backbone.generation_config.suppress_tokens = list(model.tokens.inserted_ids)
     with output_directory(out, EXPORT, overwrite=overwrite, inputs=inputs) as scratch:
         write_comet(model, tokenizer, scratch, FinetuneSettings(method="full"), base_model=None)
     return Path(out)
