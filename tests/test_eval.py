@@ -154,7 +154,8 @@ def test_answer_normalisation_and_f1():
 def test_stage_losses_continue_the_step_count_across_stages(tmp_path):
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
     first.write_text('{"step": 25, "loss": 1.9}\n{"step": 50, "loss": 1.2}\n')
-    second.write_text('{"step": 25, "loss": 0.5}\n\n{"step": 40, "loss": 0.1}\n{"step": 40, "adapter": "a"}\n')
-    assert stage_losses([first, second]) == [(25, 1.9), (50, 1.2), (75, 0.5), (90, 0.1)]
+    second.write_text('{"step": 25, "loss": 0.5, "loss_mean": 0.7}\n\n{"step": 40, "loss": 0.1}\n'
+                      '{"step": 40, "adapter": "a"}\n')
+    assert stage_losses([first, second]) == [(25, 1.9), (50, 1.2), (75, 0.7), (90, 0.1)]  # the mean where logged
     loss_curves({"seed 0": [first, second]}, tmp_path / "curve.png", "two stages")
     assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")

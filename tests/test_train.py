@@ -208,6 +208,15 @@ def test_init_from_a_mismatched_model_is_refused(base_dirs, passkey_data, two_st
     assert message in err
 
 
+def test_logged_mean_loss_covers_the_steps_since_the_last_log():
+    from comet_ds.train.loop import mean_since_last_log
+
+    losses = [1.0, 2.0, 3.0, 4.0, 5.0]  # steps 1-5, logged every 2 steps and at the last
+    assert [mean_since_last_log(losses[:done], done, 0, 2) for done in (2, 4, 5)] == [1.5, 3.5, 5.0]
+    assert mean_since_last_log([4.0, 5.0, 6.0], 6, 3, 4) == 5.5  # resumed after step 3, step 4 logged: steps 5-6
+    assert mean_since_last_log([4.0], 4, 3, 2) == 4.0  # resumed after step 3, step 3 was logged before
+
+
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path):
     import warnings
 

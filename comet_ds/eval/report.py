@@ -63,11 +63,13 @@ def cost_plot(series: dict[str, list[LengthResult]], path: Path) -> None:
 
 def stage_losses(metrics_files: list[Path]) -> list[tuple[int, float]]:
     """(step, training loss) over consecutive stages' metrics.jsonl files, steps counted from the first
-    stage's start; an entry without a loss (a run's closing summary) is skipped."""
+    stage's start: the mean loss since the previous entry where the run logged one, else the step's own; an entry
+    without a loss (a run's closing summary) is skipped."""
     points, offset = [], 0
     for path in metrics_files:
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        stage = [(offset + row["step"], row["loss"]) for row in rows if "loss" in row and "step" in row]
+        stage = [(offset + row["step"], row.get("loss_mean", row["loss"])) for row in rows
+                 if "loss" in row and "step" in row]
         points += stage
         offset = stage[-1][0] if stage else offset
     return points
@@ -82,7 +84,7 @@ def loss_curves(runs: dict[str, list[Path]], path: Path, title: str) -> None:
         ax.plot([step for step, _ in points], [loss for _, loss in points], label=name, linewidth=1)
     ax.set_yscale("log")
     ax.set_xlabel("training step (all stages)")
-    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_ylabel("training loss (answer tokens, mean\nsince the last point)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -348,9 +348,11 @@ def _record(state: RunState, done: int, result: StepResult) -> None:
     run, tracker = state.run, state.tracker
     if done % run.train.log_every == 0 or done == run.train.steps:
         stats = state.engine.stage_stats(result.seconds)
-        tracker.log_metrics({"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                             "tokens_per_s": result.tokens_per_s, "step_seconds": result.seconds,
-                             "chunks": result.chunks, "bubble_fraction": stats["bubble_fraction"],
+        loss_mean = mean_since_last_log(state.losses, done, state.start, run.train.log_every)
+        tracker.log_metrics({"loss": result.loss, "loss_mean": loss_mean, "lr": result.lr,
+                             "grad_norm": result.grad_norm, "tokens_per_s": result.tokens_per_s,
+                             "step_seconds": result.seconds, "chunks": result.chunks,
+                             "bubble_fraction": stats["bubble_fraction"],
                              **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}},
                             step=done)
     if state.nonfinite >= run.train.max_nonfinite_steps:
@@ -362,6 +364,13 @@ def _record(state: RunState, done: int, result: StepResult) -> None:
         save_checkpoint(state.engine, state.model, state.tokenizer, state.checkpoints, done, run.finetune,
                         run.base_model, {"mlflow_run_id": tracker.run_id, **state.layout_signature},
                         run.train.keep_checkpoints)
+
+
+def mean_since_last_log(losses: list[float], done: int, start: int, log_every: int) -> float:
+    """The mean loss of the steps after the last logged one up to step `done` (one step's loss is noisy: curves plot
+    this); `losses` are this process's, steps start+1..done, so a resumed run averages from its first step."""
+    since = done - max(start, (done - 1) // log_every * log_every)
+    return sum(losses[-since:]) / since
 
 
 def _finish(state: RunState) -> dict[str, Any]:
