@@ -26,6 +26,9 @@ class CheckpointMismatchError(CometInputError):
     """Saved weights that do not fit the model or config they are being loaded into."""
 
 
+LOSS_VOCABULARIES = ("text", "full")
+
+
 @dataclass(frozen=True)
 class CometConfig:
     """Shape of the memory system. Defaults are CoMeT's settings for training at 32k tokens.
@@ -37,6 +40,9 @@ class CometConfig:
     temp_budget: temporary memory entries kept per layer (Q), newest first (FIFO).
     bottleneck_rank: rank r of the residual low-rank adapter that turns states into memories.
     memory_lr_multiplier: learning-rate factor for the memory networks relative to the base LR.
+    loss_vocabulary: the training loss's softmax over the text tokens only ("text": the inserted tokens are never
+        targets, so their head rows get no push) or over the whole vocabulary ("full", as the paper's code scores,
+        for number-for-number comparisons with it). Predictions never pick an inserted token either way.
     """
 
     chunk_size: int = 2048
@@ -45,6 +51,7 @@ class CometConfig:
     temp_budget: int = 2048
     bottleneck_rank: int = 8
     memory_lr_multiplier: float = 5.0
+    loss_vocabulary: str = "text"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -71,6 +78,8 @@ class CometConfig:
         need(isinstance(self.memory_lr_multiplier, (int, float)) and math.isfinite(self.memory_lr_multiplier)
              and self.memory_lr_multiplier > 0,
              f"memory_lr_multiplier must be a positive number (got {self.memory_lr_multiplier!r})")
+        need(self.loss_vocabulary in LOSS_VOCABULARIES,
+             f"loss_vocabulary must be one of {', '.join(LOSS_VOCABULARIES)} (got {self.loss_vocabulary!r})")
 
     @property
     def temp_enabled(self) -> bool:
@@ -125,6 +134,10 @@ class CometTokens:
     def inserted_ids(self) -> tuple[int, ...]:
         """Every id the layout inserts into the text (never a prediction target)."""
         return (self.placeholder_id, self.temp_beacon_id, *self.global_beacon_ids)
+
+    def loss_excluded_ids(self, config: CometConfig) -> tuple[int, ...]:
+        """The ids the training loss's softmax leaves out under `config.loss_vocabulary`."""
+        return self.inserted_ids if config.loss_vocabulary == "text" else ()
 
     def check_against(self, config: CometConfig) -> None:
         if len(self.global_beacon_ids) != config.global_slots:

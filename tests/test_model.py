@@ -53,6 +53,28 @@ def test_single_chunk_equals_the_plain_hf_forward(base_dirs, arch):
     assert torch.isinf(ours[..., model.tokens.placeholder_id]).all()  # inserted tokens are never predicted
 
 
+@pytest.mark.parametrize("vocabulary", ["text", "full"])
+def test_loss_vocabulary_chooses_the_softmax_of_the_loss(base_dirs, vocabulary):
+    """"full" scores over the whole vocabulary as the paper's code does, "text" leaves the inserted tokens out."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from comet_ds.layout import IGNORE_INDEX
+
+    model, tokenizer = build_comet(base_dirs["llama"], dataclasses.replace(CONFIG, loss_vocabulary=vocabulary))
+    (chunk,) = ChunkLayout(model.config, model.tokens).layout(sequences(tokenizer, lengths=(13,)))
+    with torch.no_grad():
+        ours = model([chunk]).loss
+        hf = model.backbone(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask).logits[0]
+    labelled = chunk.labels[0] != IGNORE_INDEX
+    logits = hf[labelled]
+    if vocabulary == "text":
+        logits = logits.masked_fill(model.head.not_predicted, float("-inf"))
+    torch.testing.assert_close(ours, F.cross_entropy(logits, chunk.labels[0][labelled]), atol=1e-5, rtol=1e-5)
+    assert torch.isinf(model([chunk], return_logits=True).logits[0][..., model.tokens.placeholder_id]).all()
+
+
 def test_first_chunk_has_no_gate(base_dirs):
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
     chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))

@@ -87,6 +87,24 @@ def test_loading_onto_another_base_is_refused(base_dirs, tmp_path):
         load_comet(tmp_path / "adapter", base_model=other)
 
 
+def test_a_stage_may_change_the_loss_vocabulary_but_not_the_layout(adapter, base_dirs):
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from comet_ds.modeling.pretrained import check_continuable
+
+    saved, _, settings = load_comet(adapter)
+    full = dataclasses.replace(saved.config, loss_vocabulary="full")
+    check_continuable(adapter, full, settings, AutoConfig.from_pretrained(base_dirs["llama"]), base_dirs["llama"])
+    loaded, _, _ = load_comet(adapter, comet=full)
+    assert loaded.config.loss_vocabulary == "full" and not loaded.head.loss_excluded.any()
+    assert saved.head.loss_excluded.sum() == len(saved.tokens.inserted_ids)
+    with pytest.raises(CheckpointMismatchError, match="chunk_size"):
+        check_continuable(adapter, dataclasses.replace(full, chunk_size=32), settings,
+                          AutoConfig.from_pretrained(base_dirs["llama"]), base_dirs["llama"])
+
+
 def test_tampered_memory_weights_are_named(base_dirs, tmp_path):
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
     save_comet(model, tokenizer, tmp_path / "adapter", FinetuneSettings(), base_dirs["llama"])

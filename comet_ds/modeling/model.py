@@ -35,33 +35,37 @@ def not_predicted_mask(vocab_size: int, token_ids: tuple[int, ...]) -> torch.Ten
 
 
 def labelled_loss_sum(normed: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-                      not_predicted: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the labelled tokens of one chunk; the vocabulary projection runs
-    on those rows only. A chunk without labels returns a zero that is still on the graph, so
-    backward reaches (and carries memory gradients through) every chunk."""
+                      excluded: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the labelled tokens of one chunk, the softmax leaving out the `excluded`
+    vocabulary entries; the vocabulary projection runs on those rows only. A chunk without labels returns a
+    zero that is still on the graph, so backward reaches (and carries memory gradients through) every chunk."""
     labelled = labels != IGNORE_INDEX
     count = int(labelled.sum())
     if count == 0:
         return normed.sum() * 0.0, 0
-    logits = F.linear(normed[labelled], weight).masked_fill(not_predicted, float("-inf"))
+    logits = F.linear(normed[labelled], weight).masked_fill(excluded, float("-inf"))
     return F.cross_entropy(logits.float(), labels[labelled], reduction="sum"), count
 
 
 class LMHead(nn.Module):
-    """Final norm + LM head; inserted tokens are never predicted."""
+    """Final norm + LM head; inserted tokens are never predicted, and the loss's softmax leaves out
+    `loss_excluded_ids` (CometConfig.loss_vocabulary)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Linear, not_predicted_ids: tuple[int, ...]):
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, not_predicted_ids: tuple[int, ...],
+                 loss_excluded_ids: tuple[int, ...]):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
         self.register_buffer("not_predicted", not_predicted_mask(lm_head.out_features, not_predicted_ids),
+                             persistent=False)
+        self.register_buffer("loss_excluded", not_predicted_mask(lm_head.out_features, loss_excluded_ids),
                              persistent=False)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self.lm_head(normed).masked_fill(self.not_predicted, float("-inf"))
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return labelled_loss_sum(self.norm(hidden), labels, self.lm_head.weight, self.not_predicted)
+        return labelled_loss_sum(self.norm(hidden), labels, self.lm_head.weight, self.loss_excluded)
 
 
 class CometForCausalLM(nn.Module):
@@ -86,7 +90,7 @@ class CometForCausalLM(nn.Module):
             CometLayer(layer, LayerMemory(hf.hidden_size, config.bottleneck_rank, config.temp_enabled,
                                           init_std).to(backbone.dtype))
             for layer in parts.layers)
-        self.head = LMHead(parts.norm, parts.lm_head, tokens.inserted_ids)
+        self.head = LMHead(parts.norm, parts.lm_head, tokens.inserted_ids, tokens.loss_excluded_ids(config))
         self.rotary_emb = parts.rotary_emb
 
     # -- pieces shared by every forward path (and by pipeline stages) --------------------------

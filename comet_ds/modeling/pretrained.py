@@ -204,7 +204,7 @@ def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneS
     same chunk layout and memories, the same fine-tune shape, the base weights it was trained on."""
     meta = read_meta(path)
     # settings that only steer optimisation may change from one stage to the next
-    free = {"memory_lr_multiplier", "lora_dropout"}
+    free = {"memory_lr_multiplier", "loss_vocabulary", "lora_dropout"}
     for what, saved, wanted in (("comet", meta["comet"], config.to_dict()),
                                 ("finetune", meta["finetune"], settings.to_dict()),
                                 ("base model shape", meta["fingerprint"], _fingerprint(base_config))):
@@ -221,16 +221,18 @@ def check_continuable(path: str | Path, config: CometConfig, settings: FinetuneS
 
 
 def load_comet(path: str | Path, base_model: str | Path | None = None, dtype: torch.dtype = torch.float32,
-               allow_base_mismatch: bool = False) -> tuple[CometForCausalLM, PreTrainedTokenizerBase, FinetuneSettings]:
+               allow_base_mismatch: bool = False, comet: CometConfig | None = None,
+               ) -> tuple[CometForCausalLM, PreTrainedTokenizerBase, FinetuneSettings]:
     """Load a CoMeT model directory onto its base (or the base given here) and restore all weights.
 
-    An adapter loads only onto the base weights it was trained on, unless allow_base_mismatch.
+    An adapter loads only onto the base weights it was trained on, unless allow_base_mismatch. `comet` replaces
+    the saved CoMeT settings: a run's, which check_continuable found to differ only where training may.
     """
     path = Path(path)
     meta = read_meta(path)
     check_weight_files(path, meta)
     settings = FinetuneSettings.from_dict(meta["finetune"])
-    config, tokens = CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"])
+    config, tokens = comet or CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"])
     base = path if meta["base_model"] is None else Path(base_model or meta["base_model"])
     # the base is checked before it loads, so that a refusal costs no time: first its shape, then its weights
     found = _fingerprint(AutoConfig.from_pretrained(base))

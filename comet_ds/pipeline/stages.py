@@ -126,10 +126,10 @@ class TokenEmbeddingPipe(nn.Module):
     """Token embedding lookup (first stage). With tied weights the same module computes the loss on
     the last stage, through `loss`, and DeepSpeed keeps the two copies of the matrix in step."""
 
-    def __init__(self, embed_tokens: nn.Embedding, not_predicted_ids: tuple[int, ...]):
+    def __init__(self, embed_tokens: nn.Embedding, loss_excluded_ids: tuple[int, ...]):
         super().__init__()
         self.embed_tokens = embed_tokens
-        self.register_buffer("not_predicted", not_predicted_mask(embed_tokens.num_embeddings, not_predicted_ids),
+        self.register_buffer("loss_excluded", not_predicted_mask(embed_tokens.num_embeddings, loss_excluded_ids),
                              persistent=False)
 
     def forward(self, inputs: StageActivations) -> tuple[torch.Tensor, ...]:
@@ -138,7 +138,7 @@ class TokenEmbeddingPipe(nn.Module):
 
     def loss(self, inputs: StageActivations) -> torch.Tensor:
         normed, _, labels = inputs
-        return labelled_loss_sum(normed, labels, self.embed_tokens.weight, self.not_predicted)[0]
+        return labelled_loss_sum(normed, labels, self.embed_tokens.weight, self.loss_excluded)[0]
 
 
 class InsertedRowsPipe(nn.Module):
@@ -167,15 +167,15 @@ class FinalNormPipe(nn.Module):
 class LMHeadLossPipe(nn.Module):
     """The chunk's summed cross-entropy (untied head; the loss function scales it)."""
 
-    def __init__(self, lm_head: nn.Linear, not_predicted_ids: tuple[int, ...]):
+    def __init__(self, lm_head: nn.Linear, loss_excluded_ids: tuple[int, ...]):
         super().__init__()
         self.lm_head = lm_head
-        self.register_buffer("not_predicted", not_predicted_mask(lm_head.out_features, not_predicted_ids),
+        self.register_buffer("loss_excluded", not_predicted_mask(lm_head.out_features, loss_excluded_ids),
                              persistent=False)
 
     def forward(self, inputs: StageActivations) -> torch.Tensor:
         normed, _, labels = inputs
-        return labelled_loss_sum(normed, labels, self.lm_head.weight, self.not_predicted)[0]
+        return labelled_loss_sum(normed, labels, self.lm_head.weight, self.loss_excluded)[0]
 
 
 def _tied_loss(module: TokenEmbeddingPipe, inputs: StageActivations) -> torch.Tensor:
@@ -216,14 +216,15 @@ def build_pipeline_module(model: CometForCausalLM, num_stages: int, *, partition
                          f"{num_layers} stages")
     contexts = ChunkContexts(model.rotary_emb, model.embedding.new_rows.dtype, model.config.queue_capacity)
     layers: list[nn.Module | LayerSpec] = [CometLayerPipe(layer, contexts) for layer in model.layers]
-    embed_tokens, lm_head, inserted = model.embedding.base, model.head.lm_head, model.tokens.inserted_ids
+    embed_tokens, lm_head = model.embedding.base, model.head.lm_head
+    loss_excluded = model.tokens.loss_excluded_ids(model.config)
     if lm_head.weight is embed_tokens.weight:
-        first = TiedLayerSpec("embed_tokens", TokenEmbeddingPipe, embed_tokens, inserted,
+        first = TiedLayerSpec("embed_tokens", TokenEmbeddingPipe, embed_tokens, loss_excluded,
                               tied_weight_attr=["embed_tokens.weight"])
-        loss = TiedLayerSpec("embed_tokens", TokenEmbeddingPipe, embed_tokens, inserted, forward_fn=_tied_loss,
+        loss = TiedLayerSpec("embed_tokens", TokenEmbeddingPipe, embed_tokens, loss_excluded, forward_fn=_tied_loss,
                              tied_weight_attr=["embed_tokens.weight"])
     else:
-        first, loss = TokenEmbeddingPipe(embed_tokens, inserted), LMHeadLossPipe(lm_head, inserted)
+        first, loss = TokenEmbeddingPipe(embed_tokens, loss_excluded), LMHeadLossPipe(lm_head, loss_excluded)
     layers = pipeline_layer_order(first, InsertedRowsPipe(model.embedding), layers, FinalNormPipe(model.head.norm),
                                   loss)
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}

@@ -231,7 +231,7 @@ def _build_engine(run: RunConfig, stages: int,
 
     torch.manual_seed(run.train.seed)
     if run.init_from:
-        model, tokenizer, _ = load_comet(run.init_from, run.base_model)
+        model, tokenizer, _ = load_comet(run.init_from, run.base_model, comet=run.comet)
     else:
         model, tokenizer = build_comet(run.base_model, run.comet, run.finetune)
     for layer in model.layers:
