@@ -69,13 +69,23 @@ def cmd_init_base(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from comet_ds.config import CometInputError
+    from comet_ds.modeling.official import export_official
     from comet_ds.modeling.pretrained import export_merged
 
-    if not args.merge:
-        raise CometInputError("export writes merged models only: pass --merge to write a standalone model")
-    out = export_merged(args.adapter, args.out, base_model=args.base, allow_base_mismatch=args.allow_base_mismatch,
-                        overwrite=args.overwrite)
-    print(f"wrote a standalone CoMeT model (LoRA merged) to {out}")
+    if args.format is None and not args.merge:
+        raise CometInputError("export writes merged models only: pass --merge (or --format merged|official)")
+    export, what = ((export_official, "in the paper's checkpoint layout") if args.format == "official" else
+                    (export_merged, "(LoRA merged)"))
+    out = export(args.adapter, args.out, base_model=args.base, allow_base_mismatch=args.allow_base_mismatch,
+                 overwrite=args.overwrite)
+    print(f"wrote a standalone CoMeT model {what} to {out}")
+
+
+def cmd_import_official(args: argparse.Namespace) -> None:
+    from comet_ds.modeling.official import import_official
+
+    out = import_official(args.checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote a comet_ds model directory to {out} (comet-ds generate --model {out} ...)")
 
 
 class _ResumeMode(argparse.Action):
@@ -429,15 +439,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a standalone model with the LoRA adapters merged in",
                        description="Merge a CoMeT adapter directory (LoRA + memory networks + new token rows) "
                                    "into its base model and write one directory that loads on its own.\n\n"
-                                   "example: comet-ds export --adapter runs/demo/adapter --merge --out runs/merged",
+                                   "--format official writes the layout of the CoMeT paper's code instead "
+                                   "(Qwen3 models: inner_layer / global_memory_net / temp_memory_net weights, the "
+                                   "CoMeT fields in config.json, vocabulary padded to a multiple of 256).\n\n"
+                                   "examples:\n  comet-ds export --adapter runs/demo/adapter --merge --out runs/merged"
+                                   "\n  comet-ds export --adapter RUN/adapter --format official --out runs/official",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--adapter", required=True, help="CoMeT model directory (a checkpoint's adapter directory)")
     p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
-    _add_overwrite(p, "replace --out if it holds an earlier comet-ds export output")
-    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (required)")
+    _add_overwrite(p, "replace --out if it holds an earlier output of the same export")
+    p.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (= --format merged)")
+    p.add_argument("--format", choices=("merged", "official"),
+                   help="merged: a comet_ds model directory; official: the paper's checkpoint layout")
     p.add_argument("--base", help="base model directory, if it moved since training")
     _add_allow_base_mismatch(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import-official", help="read a checkpoint of the CoMeT paper's code",
+                       description="Write a checkpoint saved by the CoMeT paper's code (a Qwen3 directory with "
+                                   "chunk_size, placeholder_id, temp_beacon_id, temp_beacon_stride, temp_mem_budget "
+                                   "and global_beacon_ids in config.json, safetensors weights) as a comet_ds model "
+                                   "directory: generate, eval and init_from take it as it is, every token id keeps "
+                                   "its meaning. Pickled weights (pytorch_model.bin) are refused.\n\n"
+                                   "example: comet-ds import-official --checkpoint ckpt/comet-qwen3-4b --out "
+                                   "runs/imported",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the directory the paper's code saved")
+    p.add_argument("--out", required=True, help="directory to write: new or empty; it appears once complete")
+    _add_overwrite(p, "replace --out if it holds an earlier comet-ds import-official output")
+    p.set_defaults(func=cmd_import_official)
 
     p = sub.add_parser("train", help="fine-tune on DeepSpeed pipeline stages (run it under the deepspeed launcher)",
                        description="Train a CoMeT model from a run config (YAML). Pipeline stages come from the "

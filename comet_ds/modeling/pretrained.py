@@ -267,15 +267,34 @@ def export_merged(path: str | Path, out: str | Path, base_model: str | Path | No
                   allow_base_mismatch: bool = False, overwrite: bool = False) -> Path:
     """Write a standalone model directory: LoRA merged into the base weights, inserted rows written in.
 
-    The LoRA weights are merged by peft itself (PeftModel.from_pretrained + merge_and_unload), so this
-    also proves the adapter files are standard PEFT. `out` must be new or empty, or (with `overwrite`)
-    an earlier export, and outside the adapter and base directories; it appears whole.
+    `out` must be new or empty, or (with `overwrite`) an earlier export, and outside the adapter and base
+    directories; it appears whole.
     """
+    inputs = export_inputs(path, base_model)
+    check_output(out, EXPORT, overwrite=overwrite, inputs=inputs)  # before loading: a refusal costs no time
+    model, tokenizer = load_merged(path, base_model, allow_base_mismatch)
+    # the inserted tokens' output rows were trained only as inputs: a plain transformers generate() must never pick
+    # one, so the export's generation config suppresses them
+    model.backbone.generation_config.suppress_tokens = list(model.tokens.inserted_ids)
+    with output_directory(out, EXPORT, overwrite=overwrite, inputs=inputs) as scratch:
+        write_comet(model, tokenizer, scratch, FinetuneSettings(method="full"), base_model=None)
+    return Path(out)
+
+
+def export_inputs(path: str | Path, base_model: str | Path | None = None) -> list[Path]:
+    """The directories an export of the CoMeT model directory `path` reads (its output must lie outside them)."""
+    meta = read_meta(path)
+    check_weight_files(Path(path), meta)
+    return [Path(path), *[Path(p) for p in filter(None, [base_model or meta["base_model"]])]]
+
+
+def load_merged(path: str | Path, base_model: str | Path | None = None,
+                allow_base_mismatch: bool = False) -> tuple[CometForCausalLM, PreTrainedTokenizerBase]:
+    """A CoMeT model directory as one model: LoRA merged into the base weights by peft itself
+    (PeftModel.from_pretrained + merge_and_unload, which also proves the adapter files are standard PEFT), the
+    inserted tokens' rows written into the embedding matrix."""
     path = Path(path)
     meta = read_meta(path)
-    check_weight_files(path, meta)
-    inputs = [path, *filter(None, [base_model or meta["base_model"]])]
-    check_output(out, EXPORT, overwrite=overwrite, inputs=inputs)  # before loading: a refusal costs no time
     if meta["base_model"] is None:
         model, tokenizer, _ = load_comet(path)
     else:
@@ -287,9 +306,4 @@ def export_merged(path: str | Path, out: str | Path, base_model: str | Path | No
         model = CometForCausalLM(merged, CometConfig.from_dict(meta["comet"]), CometTokens.from_dict(meta["tokens"]))
         model.load_comet_state_dict(load_file(path / MEMORY_WEIGHTS), source=str(path / MEMORY_WEIGHTS))
     model.embedding.write_into_base()
-    # the inserted tokens' output rows were trained only as inputs: a plain transformers generate() must never pick
-    # one, so the export's generation config suppresses them
-    model.backbone.generation_config.suppress_tokens = list(model.tokens.inserted_ids)
-    with output_directory(out, EXPORT, overwrite=overwrite, inputs=inputs) as scratch:
-        write_comet(model, tokenizer, scratch, FinetuneSettings(method="full"), base_model=None)
-    return Path(out)
+    return model, tokenizer
