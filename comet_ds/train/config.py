@@ -18,6 +18,7 @@ import yaml
 
 from comet_ds.config import CometConfig, CometConfigError, _known_fields
 from comet_ds.configs import names_packaged_config, packaged_deepspeed_config, packaged_deepspeed_configs
+from comet_ds.layout.plan import CHUNK_PLANS
 from comet_ds.modeling.finetune import FinetuneSettings
 from comet_ds.pipeline import PARTITION_METHODS
 from comet_ds.schedule import LR_SCHEDULES
@@ -45,6 +46,8 @@ class TrainSettings:
     accumulation_steps: int = 1
     max_tokens: int | None = None  # truncate longer sequences
     group_by_length: bool = False  # each step's sequences share one length (no padding to the longest)
+    # "fixed": full chunks and a remainder; "mixed": the paper's planner, a strategy drawn per sample (layout.plan)
+    chunk_plan: str = "fixed"
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -73,6 +76,9 @@ class TrainSettings:
         if self.lr_schedule not in LR_SCHEDULES:
             raise CometConfigError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)} "
                                    f"(got {self.lr_schedule!r})")
+        if self.chunk_plan not in CHUNK_PLANS:
+            raise CometConfigError(f"train.chunk_plan must be one of {', '.join(CHUNK_PLANS)} "
+                                   f"(got {self.chunk_plan!r})")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CometConfigError(f"train.max_tokens must be >= 2 or null (got {self.max_tokens})")
 

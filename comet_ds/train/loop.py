@@ -20,6 +20,7 @@ import torch
 
 from comet_ds.config import CometConfigError
 from comet_ds.layout import ChunkLayout
+from comet_ds.layout.plan import boundary_ids, plan_batch
 from comet_ds.train.config import RunConfig
 from comet_ds.train.data import check_has_targets, load_training_dataset
 from comet_ds.train.tracking import Tracker, redact
@@ -310,9 +311,15 @@ def _train_steps(state: RunState) -> None:
     replica = state.engine.grid.get_data_parallel_id()
     progress = tqdm(total=run.train.steps, initial=state.start, disable=state.rank != 0, unit="step",
                     dynamic_ncols=True)
+    boundaries = boundary_ids(state.tokenizer)
     for step in range(state.start, run.train.steps):
         batch = sampler.batch(step, replica)
-        groups = [layout.layout(batch.input_ids[i:i + per_group], batch.labels[i:i + per_group])
+        plans = None
+        if run.train.chunk_plan == "mixed":
+            plans = plan_batch(batch.input_ids, run.comet.chunk_size, run.train.max_tokens, boundaries,
+                               f"{run.train.seed}:{step}:{replica}")
+        groups = [layout.layout(batch.input_ids[i:i + per_group], batch.labels[i:i + per_group],
+                                None if plans is None else plans[i:i + per_group])
                   for i in range(0, len(batch.input_ids), per_group)]
         result = _step(state, groups, batch)
         progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}")
