@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+import random
 import warnings
 
 import torch
@@ -21,6 +23,7 @@ from helpers import trained_like  # noqa: E402  (this script's folder is on its 
 
 from comet_ds.config import CometConfig  # noqa: E402
 from comet_ds.layout import ChunkLayout  # noqa: E402
+from comet_ds.layout.plan import random_sizes, right_aligned_sizes, uniform_sizes  # noqa: E402
 from comet_ds.modeling.finetune import FinetuneSettings  # noqa: E402
 from comet_ds.modeling.pretrained import build_comet  # noqa: E402
 from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build  # noqa: E402
@@ -39,6 +42,18 @@ def groups_per_replica(vocab: int, replicas: int, groups: int) -> list[list[list
              for i in range(groups)] for r in range(replicas)]
 
 
+def plans(batch: list[list[int]], chunk_plan: str) -> list[list[int]] | None:
+    """None (full chunks and a remainder), or for "mixed" the planner's other strategies in turn: short chunks
+    before the last, chunks of random sizes (more chunks than the fixed plan), equal sizes."""
+    if chunk_plan == "fixed":
+        return None
+    rng = random.Random(0)
+    strategies = [lambda n: right_aligned_sizes(n, CONFIG.chunk_size),
+                  lambda n: random_sizes(n, CONFIG.chunk_size, 7, rng),
+                  lambda n: uniform_sizes(n, 6)]
+    return [strategies[i % len(strategies)](len(ids)) for i, ids in enumerate(batch)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", required=True)
@@ -50,6 +65,9 @@ def main() -> None:
     parser.add_argument("--reference-window", type=int, default=-1,
                         help="BPTT window of the reference (default: the pipeline's); a mismatch must be caught")
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1])
+    parser.add_argument("--chunk-plan", default="fixed", choices=["fixed", "mixed"],
+                        help="mixed: every sequence cut by a planner strategy other than fixed")
+    parser.add_argument("--loss-vocabulary", default="text", choices=["text", "full"])
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
@@ -61,14 +79,16 @@ def main() -> None:
     reference_window = window if args.reference_window < 0 else (args.reference_window or None)
 
     torch.manual_seed(0)
-    model, tokenizer = build_comet(args.base, CONFIG, FinetuneSettings(method=args.method))
+    config = dataclasses.replace(CONFIG, loss_vocabulary=args.loss_vocabulary)
+    model, tokenizer = build_comet(args.base, config, FinetuneSettings(method=args.method))
     trained_like(model, seed=2)
     reference = copy.deepcopy(model)
     names = {id(p): n for n, p in model.named_parameters()}
 
-    layout = ChunkLayout(CONFIG, model.tokens)
+    layout = ChunkLayout(config, model.tokens)
     data = groups_per_replica(len(tokenizer) - CONFIG.global_slots - 2, replicas, args.accumulation)
-    all_groups = [[layout.layout(batch) for batch in groups] for groups in data]
+    all_groups = [[layout.layout(batch, text_chunk_sizes=plans(batch, args.chunk_plan)) for batch in groups]
+                  for groups in data]
     total_labels = sum(c.num_labels for groups in all_groups for chunks in groups for c in chunks)
 
     # single-process reference over every replica's data, one sequence group after another: one global token mean

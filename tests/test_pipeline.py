@@ -78,3 +78,16 @@ def test_two_data_parallel_replicas_with_two_accumulation_groups(base_dirs, tmp_
 def test_full_finetune_with_tied_embeddings_across_stages(base_dirs, tmp_path):
     # the tied matrix lives on both stages; DeepSpeed sums its two gradients
     assert_exact(run_pipeline(base_dirs["qwen3"], tmp_path, "--method", "full"), extra_tied_copies=1)
+
+
+def test_mixed_chunk_plans_match_too(base_dirs, tmp_path):
+    # two groups: plans of every strategy, sequences of one group ending at different chunks, a window of 3
+    result = run_pipeline(base_dirs["llama"], tmp_path, "--chunk-plan", "mixed", "--accumulation", "2",
+                          "--bptt-window", "3")
+    assert result["chunks"] != [[5, 5]]  # not the fixed plan's chunks
+    assert_exact(result)
+
+
+def test_the_full_vocabulary_loss_matches_too(base_dirs, tmp_path):
+    assert_exact(run_pipeline(base_dirs["qwen3"], tmp_path, "--loss-vocabulary", "full", "--method", "full"),
+                 extra_tied_copies=1)
