@@ -4,7 +4,7 @@ from collections import Counter
 
 from datasets import Dataset
 
-from comet_ds.train.data import StepSampler, sequence_lengths
+from comet_ds.train.data import StepSampler, pack_rows, sequence_lengths, trained_tokens
 
 # 11 rows of 8 tokens, 5 of 16, 2 of 32: with a global batch of 4, the 32s are rarer than one batch
 LENGTHS = [8] * 11 + [16] * 5 + [32] * 2
@@ -52,3 +52,33 @@ def test_ungrouped_batches_cover_each_row_once_an_epoch_and_mix_lengths():
         assert sorted(row[0] for batch in epoch for row in batch) == list(range(len(LENGTHS)))
     assert [row[0] for row in batches[0]] != [row[0] for row in batches[3]]  # each epoch its own order
     assert any(len({len(r) for r in batch}) > 1 for batch in batches)
+
+
+def test_rows_pack_greedily_up_to_max_tokens():
+    assert pack_rows([3, 4, 5, 10, 2], 8) == [[0, 1], [2], [3], [4]]  # 3+4; 5 (+10 > 8); 10 cut to 8; 2
+    assert pack_rows([2, 2, 2, 2, 2], 8) == [[0, 1, 2, 3], [4]]
+
+
+def test_packed_sequences_keep_every_documents_labels():
+    rows = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10] * 9]
+    labels = [[-100, 2, 3], [-100, -100, 6, 7], [8, 9], [10] * 9]
+    sampler = StepSampler(Dataset.from_dict({"input_ids": rows, "labels": labels}), 1, 3, seed=0, max_tokens=8,
+                          packing=True)
+    assert sampler.sequences == [[0, 1], [2], [3]]
+    batch = sampler.batch(0, 0)
+    packed = batch.input_ids.index([1, 2, 3, 4, 5, 6, 7])
+    # the second document's first label would be the first document's last target once shifted: ignored
+    assert batch.labels[packed] == [-100, 2, 3, -100, -100, 6, 7]
+    assert sorted(map(len, batch.input_ids)) == [2, 7, 8]  # the 9-token row cut to max_tokens
+    # trained tokens per document as unpacked: 2 + 2, 1, 7
+    assert batch.global_trained_tokens == sum(trained_tokens(x[:8]) for x in labels)
+
+
+def test_packing_needs_a_sequence_length():
+    import pytest
+
+    from comet_ds.config import CometConfigError
+    from comet_ds.train.config import TrainSettings
+
+    with pytest.raises(CometConfigError, match=r"set train\.max_tokens"):
+        TrainSettings(packing=True)

@@ -48,6 +48,8 @@ class TrainSettings:
     group_by_length: bool = False  # each step's sequences share one length (no padding to the longest)
     # "fixed": full chunks and a remainder; "mixed": the paper's planner, a strategy drawn per sample (layout.plan)
     chunk_plan: str = "fixed"
+    # consecutive rows packed into sequences of up to max_tokens tokens, memory flowing across documents
+    packing: bool = False
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -81,6 +83,8 @@ class TrainSettings:
                                    f"(got {self.chunk_plan!r})")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CometConfigError(f"train.max_tokens must be >= 2 or null (got {self.max_tokens})")
+        if self.packing and self.max_tokens is None:
+            raise CometConfigError("train.packing packs rows up to train.max_tokens tokens: set train.max_tokens")
 
 
 @dataclass(frozen=True)

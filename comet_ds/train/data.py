@@ -134,29 +134,49 @@ def sequence_lengths(dataset: Dataset, max_tokens: int | None = None) -> list[in
     return [min(n, max_tokens) if max_tokens else n for n in lengths]
 
 
-class StepSampler:
-    """Seeded epoch permutations of the dataset, cut into global batches of replicas × sequences.
+def pack_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive rows packed greedily into sequences of at most max_tokens tokens (a longer row, truncated,
+    is a sequence of its own): the row indices of each sequence. Every row is kept, with or without targets."""
+    packs: list[list[int]] = []
+    size = 0
+    for index, length in enumerate(lengths):
+        length = min(length, max_tokens)
+        if not packs or size + length > max_tokens:
+            packs.append([])
+            size = 0
+        packs[-1].append(index)
+        size += length
+    return packs
 
-    With group_by_length, every global batch holds rows of one length: each length's rows are
-    permuted and cut into batches (the last one of a length topped up from the start of its
-    permutation, so no row is skipped), and the epoch's batches are shuffled. A dataset that mixes
-    lengths then trains without padding short sequences with empty chunks up to the longest.
+
+class StepSampler:
+    """Seeded epoch permutations of the dataset's sequences, cut into global batches of replicas × sequences.
+
+    A sequence is a row, or with `packing` several consecutive rows packed into one of at most max_tokens
+    tokens (pack_rows): memory then flows from one document into the next, as in the paper's training, and
+    each document's first label is ignored, so that no document is trained to predict another's first token.
+    With group_by_length, every global batch holds sequences of one length: each length's sequences are
+    permuted and cut into batches (the last one of a length topped up from the start of its permutation, so
+    none is skipped), and the epoch's batches are shuffled. A dataset that mixes lengths then trains without
+    padding short sequences with empty chunks up to the longest.
     """
 
     def __init__(self, dataset: Dataset, replicas: int, sequences_per_replica: int, seed: int,
-                 max_tokens: int | None = None, group_by_length: bool = False):
+                 max_tokens: int | None = None, group_by_length: bool = False, packing: bool = False):
         self.dataset = dataset
         self.replicas = replicas
         self.per_replica = sequences_per_replica
         self.seed = seed
         self.max_tokens = max_tokens
+        lengths = sequence_lengths(dataset, max_tokens)
+        self.sequences = pack_rows(lengths, max_tokens) if packing else [[i] for i in range(len(lengths))]
         self._orders: dict[int, list[int]] = {}
         self._batches: dict[int, list[list[int]]] = {}
         self._groups: list[list[int]] | None = None
         if group_by_length:
             groups: dict[int, list[int]] = {}
-            for index, length in enumerate(sequence_lengths(dataset, max_tokens)):
-                groups.setdefault(length, []).append(index)
+            for index, rows in enumerate(self.sequences):
+                groups.setdefault(sum(lengths[row] for row in rows), []).append(index)
             self._groups = [groups[length] for length in sorted(groups)]
             self._batches_per_epoch = sum(-(-len(rows) // self.global_batch) for rows in self._groups)
 
@@ -166,7 +186,7 @@ class StepSampler:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {epoch: torch.randperm(len(self.dataset),
+            self._orders = {epoch: torch.randperm(len(self.sequences),
                                                   generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()}
         return self._orders[epoch]
 
@@ -188,19 +208,22 @@ class StepSampler:
             if epoch not in self._batches:
                 self._batches = {epoch: self._grouped_batches(epoch)}
             return self._batches[epoch][position]
-        n = len(self.dataset)
+        n = len(self.sequences)
         return [self._order(position // n)[position % n]
                 for position in range(step * self.global_batch, (step + 1) * self.global_batch)]
 
     def batch(self, step: int, replica: int) -> StepBatch:
-        indices = self._indices(step)
-        rows = self.dataset.select(indices)
-        limit = self.max_tokens or None
-        ids = [list(r["input_ids"])[:limit] for r in rows]
-        labels = [list(r["labels"])[:limit] for r in rows]
-        for index, a, b in zip(indices, ids, labels):
-            if len(a) != len(b) or not a:
-                raise DatasetError(f"dataset row {index}: {len(a)} input_ids but {len(b)} labels")
+        ids, labels = [], []
+        for sequence in self._indices(step):
+            rows = self.sequences[sequence]
+            ids.append([])
+            labels.append([])
+            for index, row in zip(rows, self.dataset.select(rows)):
+                a, b = list(row["input_ids"])[:self.max_tokens or None], list(row["labels"])[:self.max_tokens or None]
+                if len(a) != len(b) or not a:
+                    raise DatasetError(f"dataset row {index}: {len(a)} input_ids but {len(b)} labels")
+                ids[-1] += a
+                labels[-1] += b if len(rows) == 1 else [IGNORE_INDEX, *b[1:]]
         mine = slice(replica * self.per_replica, (replica + 1) * self.per_replica)
         return StepBatch(ids[mine], labels[mine], global_trained_tokens=sum(trained_tokens(x) for x in labels),
                          global_text_tokens=sum(len(x) for x in ids))

@@ -306,7 +306,7 @@ def _train_steps(state: RunState) -> None:
     run = state.run
     per_group = run.train.sequences_per_step
     sampler = StepSampler(load_training_dataset(run.dataset), state.replicas, per_group * run.train.accumulation_steps,
-                          run.train.seed, run.train.max_tokens, run.train.group_by_length)
+                          run.train.seed, run.train.max_tokens, run.train.group_by_length, run.train.packing)
     layout = ChunkLayout(run.comet, state.model.tokens)
     replica = state.engine.grid.get_data_parallel_id()
     progress = tqdm(total=run.train.steps, initial=state.start, disable=state.rank != 0, unit="step",
