@@ -75,6 +75,31 @@ def test_loss_vocabulary_chooses_the_softmax_of_the_loss(base_dirs, vocabulary):
     assert torch.isinf(model([chunk], return_logits=True).logits[0][..., model.tokens.placeholder_id]).all()
 
 
+def test_memory_that_restarts_at_each_packed_document_equals_the_documents_alone(base_dirs):
+    from comet_ds.layout import IGNORE_INDEX
+    from comet_ds.layout.chunks import fixed_chunk_sizes, restart_plan
+
+    model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
+    trained_like(model)
+    layout = ChunkLayout(CONFIG, model.tokens)
+    *documents, other = sequences(tokenizer, lengths=(37, 20, 50, 90))
+    sizes, restarts = restart_plan([fixed_chunk_sizes(len(d), CONFIG.chunk_size) for d in documents])
+    assert sizes == [16, 16, 5, 16, 4, 16, 16, 16, 2] and restarts == [3, 5]
+    packed = [token for document in documents for token in document]
+    labels = [label for document in documents for label in [IGNORE_INDEX, *document[1:]]]
+    # the packed row restarts, the other row of the batch goes on: the restart is per row
+    together = model(layout.layout([packed, other], [labels, other], [sizes, fixed_chunk_sizes(90, 16)],
+                                   [restarts, []]))
+    together.loss_sum.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone = sum(model(layout.layout([sequence])).loss_sum for sequence in [*documents, other])
+    alone.backward()
+    torch.testing.assert_close(together.loss_sum, alone, atol=1e-4, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, atol=1e-5, rtol=1e-4)
+
+
 def test_first_chunk_has_no_gate(base_dirs):
     model, tokenizer = build_comet(base_dirs["llama"], CONFIG)
     chunks = ChunkLayout(CONFIG, model.tokens).layout(sequences(tokenizer, lengths=(64,)))

@@ -1,6 +1,7 @@
 """`comet-ds train`: preflight errors, real multi-process runs, exact resume after SIGKILL, two nodes."""
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -155,6 +156,15 @@ def two_step_run(base_dirs, passkey_data, tmp_path_factory) -> Path:
     done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return tmp_path / "run"
+
+
+def test_packed_documents_with_their_own_memories_and_mixed_chunk_plans_train(base_dirs, passkey_data, tmp_path):
+    # 300-token samples packed two to a 640-token sequence, each document with its own memories and chunk plan
+    config = write_short_run(tmp_path, base_dirs["llama"], passkey_data, steps=2, save_every=2, max_tokens=640,
+                             packing=True, reset_memory_per_document=True, chunk_plan="mixed")
+    done = subprocess.run(torchrun(config), env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(len(values) == 1 and math.isfinite(values[0]) for values in losses(tmp_path / "run").values())
 
 
 def test_mlflow_records_params_metrics_and_the_adapter(two_step_run):

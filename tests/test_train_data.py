@@ -82,3 +82,22 @@ def test_packing_needs_a_sequence_length():
 
     with pytest.raises(CometConfigError, match=r"set train\.max_tokens"):
         TrainSettings(packing=True)
+
+
+def test_packed_documents_start_chunks_of_their_own_when_memory_resets():
+    from comet_ds.train.config import RunConfig
+    from comet_ds.train.data import StepBatch
+    from comet_ds.train.loop import chunk_plans
+
+    def run(**train):
+        return RunConfig.from_dict({"base_model": "b", "dataset": "d", "output_dir": "o", "deepspeed_config": "c",
+                                    "comet": {"chunk_size": 16}, "train": {"max_tokens": 64, **train}})
+
+    batch = StepBatch([list(range(40)), list(range(20))], [[0] * 40, [0] * 20], 0, 60, documents=[[30, 10], [20]])
+    assert chunk_plans(batch, run(), frozenset(), "k") == (None, None)
+    assert chunk_plans(batch, run(packing=True, reset_memory_per_document=True), frozenset(), "k") == \
+        ([[16, 14, 10], [16, 4]], [[2], []])
+    plans, restarts = chunk_plans(batch, run(packing=True, reset_memory_per_document=True, chunk_plan="mixed"),
+                                  frozenset(), "k")
+    assert [sum(p) for p in plans] == [40, 20] and restarts[1] == []
+    assert sum(plans[0][:restarts[0][0]]) == 30  # the second document starts a chunk

@@ -2,7 +2,9 @@
 
 Layout of chunk t of one sequence (every chunk padded to `CometConfig.chunk_length`):
 
-    [G global slots]  (t > 0)      placeholders, overwritten by the global memory of chunk t-1
+    [G global slots]  (t > 0)      placeholders, overwritten by the global memory of chunk t-1 (masked, and
+                                   the temporary queue's slots too, where a packed sequence starts a new
+                                   document whose memory starts over)
     [q_t temp slots]               placeholders, slot j receives temporary-queue entry j
     [text, beacon after every s]   the chunk's text; each beacon summarises the s tokens before it
     [G global beacons]             read out to update the global memory
@@ -41,6 +43,7 @@ class Role(IntEnum):
     TEMP_BEACON = 5
     TEMP_BEACON_FILLER = 6  # masked; keeps the per-chunk beacon count static
     GLOBAL_BEACON = 7
+    GLOBAL_SLOT_EMPTY = 8  # masked: the row starts a new document here, its global memory starts over
 
 
 _ATTENDED = (Role.TEXT, Role.GLOBAL_SLOT, Role.TEMP_SLOT, Role.TEMP_BEACON, Role.GLOBAL_BEACON)
@@ -111,6 +114,7 @@ class ChunkIndices:
     temp_beacons: torch.Tensor
     global_beacons: torch.Tensor
     temp_keep: torch.Tensor  # into cat(queue entering the chunk, the chunk's new entries)
+    global_restart: torch.Tensor | None = None  # [B] bool, rows whose global memory starts over; None: no row
 
     @classmethod
     def from_roles(cls, roles: torch.Tensor, queue_capacity: int) -> ChunkIndices:
@@ -128,12 +132,14 @@ class ChunkIndices:
         temp_beacons = where(Role.TEMP_BEACON, Role.TEMP_BEACON_FILLER)
         realness = torch.cat([roles.gather(1, temp_slots) == Role.TEMP_SLOT,
                               roles.gather(1, temp_beacons) == Role.TEMP_BEACON], dim=1)
+        restart = (roles == Role.GLOBAL_SLOT_EMPTY).any(dim=-1)
         return cls(
-            global_slots=where(Role.GLOBAL_SLOT),
+            global_slots=where(Role.GLOBAL_SLOT, Role.GLOBAL_SLOT_EMPTY),
             temp_slots=temp_slots,
             temp_beacons=temp_beacons,
             global_beacons=where(Role.GLOBAL_BEACON),
             temp_keep=fifo_keep(realness, queue_capacity),
+            global_restart=restart if bool(restart.any()) else None,
         )
 
 
@@ -141,6 +147,18 @@ def fixed_chunk_sizes(length: int, chunk_size: int) -> list[int]:
     """Full chunks of `chunk_size` text tokens and one remainder chunk."""
     full, rest = divmod(length, chunk_size)
     return [chunk_size] * full + ([rest] if rest else [])
+
+
+def restart_plan(document_plans: Sequence[Sequence[int]]) -> tuple[list[int], list[int]]:
+    """Chunk sizes and restarts (see iter_chunks) for a packed sequence whose memories start over at every
+    document: each document, cut by its own chunk plan, starting a chunk of its own."""
+    sizes: list[int] = []
+    restarts: list[int] = []
+    for plan in document_plans:
+        if sizes:
+            restarts.append(len(sizes))
+        sizes += plan
+    return sizes, restarts
 
 
 def shift_labels(labels: Sequence[int]) -> list[int]:
@@ -164,6 +182,7 @@ class ChunkLayout:
         input_ids: Sequence[Sequence[int]],
         labels: Sequence[Sequence[int]] | None = None,
         text_chunk_sizes: Sequence[Sequence[int]] | None = None,
+        restarts: Sequence[Sequence[int]] | None = None,
     ) -> Iterator[Chunk]:
         """Yield the chunks of a batch of sequences one at a time (constant memory).
 
@@ -171,6 +190,8 @@ class ChunkLayout:
         here on the text alone, so every inserted token is ignored. Default: labels = input_ids.
         text_chunk_sizes: per sequence, the text tokens of each chunk (each 1..chunk_size);
         default: full chunks and one remainder. Shorter sequences are padded with empty chunks.
+        restarts: per sequence, the chunks (> 0) at which its memories start over: a packed sequence's
+        documents, each starting a chunk, then share nothing (see restart_plan).
         """
         cfg = self.config
         if not input_ids:
@@ -191,13 +212,17 @@ class ChunkLayout:
         shifted = [shift_labels(lab) for lab in labels]
         starts = [0] * len(input_ids)
         queues: list[list[bool]] = [[] for _ in input_ids]
+        restart_at = [set(r) for r in restarts] if restarts else [set() for _ in input_ids]
         for t in range(num_chunks):
             rows = []
             for i, ids in enumerate(input_ids):
                 size = plans[i][t] if t < len(plans[i]) else 0
                 text = slice(starts[i], starts[i] + size)
                 starts[i] += size
-                row, new_entries = self._lay_out_chunk(t, ids[text], shifted[i][text], queues[i])
+                restart = t > 0 and t in restart_at[i]
+                if restart:  # the queue's entries become fillers: masked, and evicted first
+                    queues[i] = [False] * len(queues[i])
+                row, new_entries = self._lay_out_chunk(t, ids[text], shifted[i][text], queues[i], restart)
                 realness = torch.tensor([queues[i] + new_entries])
                 kept = fifo_keep(realness, cfg.queue_capacity)[0].tolist()
                 queues[i] = [(queues[i] + new_entries)[k] for k in kept]
@@ -206,11 +231,12 @@ class ChunkLayout:
             yield Chunk(index=t, input_ids=ids_t, labels=labels_t, roles=roles_t)
 
     def layout(self, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None = None,
-               text_chunk_sizes: Sequence[Sequence[int]] | None = None) -> list[Chunk]:
-        return list(self.iter_chunks(input_ids, labels, text_chunk_sizes))
+               text_chunk_sizes: Sequence[Sequence[int]] | None = None,
+               restarts: Sequence[Sequence[int]] | None = None) -> list[Chunk]:
+        return list(self.iter_chunks(input_ids, labels, text_chunk_sizes, restarts))
 
-    def _lay_out_chunk(self, t: int, text: Sequence[int], text_labels: Sequence[int],
-                       queue: list[bool]) -> tuple[tuple[list[int], list[int], list[int]], list[bool]]:
+    def _lay_out_chunk(self, t: int, text: Sequence[int], text_labels: Sequence[int], queue: list[bool],
+                       restart: bool) -> tuple[tuple[list[int], list[int], list[int]], list[bool]]:
         cfg, tok = self.config, self.tokens
         ids: list[int] = []
         labels: list[int] = []
@@ -223,7 +249,7 @@ class ChunkLayout:
 
         if t > 0:
             for _ in range(cfg.global_slots):
-                put(tok.placeholder_id, Role.GLOBAL_SLOT)
+                put(tok.placeholder_id, Role.GLOBAL_SLOT_EMPTY if restart else Role.GLOBAL_SLOT)
         for real in queue:
             put(tok.placeholder_id, Role.TEMP_SLOT if real else Role.TEMP_SLOT_EMPTY)
         real_beacons = 0

@@ -109,7 +109,7 @@ class CometLayer(nn.Module):
 
     def next_state(self, out: torch.Tensor, idx: ChunkIndices, state: MemoryState | None) -> MemoryState:
         global_memory, global_state = self.memory.global_memory(
-            gather_rows(out, idx.global_beacons), None if state is None else state.global_state)
+            gather_rows(out, idx.global_beacons), None if state is None else state.global_state, idx.global_restart)
         temp_memory = None
         if self.memory.temp_memory is not None:
             entries = self.memory.temp_memory(gather_rows(out, idx.temp_beacons))

@@ -53,14 +53,17 @@ class GlobalMemory(nn.Module):
         self.gate = nn.Linear(2 * hidden_size, 1, bias=False)
         self.adapter = LowRankAdapter(hidden_size, rank)
 
-    def forward(self, beacon_outputs: torch.Tensor,
-                previous_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, beacon_outputs: torch.Tensor, previous_state: torch.Tensor | None,
+                restart: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """restart: [B] bool, rows that start over here as on a first chunk (a new document); None: none."""
         candidate = self.norm(beacon_outputs)
         if previous_state is None:
             state = candidate
         else:
             gate = torch.sigmoid(self.gate(torch.cat([candidate, previous_state], dim=-1)))
             state = gate * previous_state + (1 - gate) * candidate
+            if restart is not None:
+                state = torch.where(restart[:, None, None], candidate, state)
         return self.adapter(state), state
 
 

@@ -48,8 +48,11 @@ class TrainSettings:
     group_by_length: bool = False  # each step's sequences share one length (no padding to the longest)
     # "fixed": full chunks and a remainder; "mixed": the paper's planner, a strategy drawn per sample (layout.plan)
     chunk_plan: str = "fixed"
-    # consecutive rows packed into sequences of up to max_tokens tokens, memory flowing across documents
+    # consecutive rows packed into sequences of up to max_tokens tokens; memory flows from one document into the
+    # next (as in the paper's training), or with reset_memory_per_document each document starts a chunk of its
+    # own with empty memories, as if trained alone
     packing: bool = False
+    reset_memory_per_document: bool = False
     lr: float = 5e-5
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -85,6 +88,8 @@ class TrainSettings:
             raise CometConfigError(f"train.max_tokens must be >= 2 or null (got {self.max_tokens})")
         if self.packing and self.max_tokens is None:
             raise CometConfigError("train.packing packs rows up to train.max_tokens tokens: set train.max_tokens")
+        if self.reset_memory_per_document and not self.packing:
+            raise CometConfigError("train.reset_memory_per_document applies to packed sequences: set train.packing")
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ class StepBatch:
     labels: list[list[int]]
     global_trained_tokens: int
     global_text_tokens: int
+    documents: list[list[int]]  # per sequence, the lengths of the rows packed into it (one row unless packing)
 
 
 def trained_tokens(labels: list[int]) -> int:
@@ -213,17 +214,19 @@ class StepSampler:
                 for position in range(step * self.global_batch, (step + 1) * self.global_batch)]
 
     def batch(self, step: int, replica: int) -> StepBatch:
-        ids, labels = [], []
+        ids, labels, documents = [], [], []
         for sequence in self._indices(step):
             rows = self.sequences[sequence]
             ids.append([])
             labels.append([])
+            documents.append([])
             for index, row in zip(rows, self.dataset.select(rows)):
                 a, b = list(row["input_ids"])[:self.max_tokens or None], list(row["labels"])[:self.max_tokens or None]
                 if len(a) != len(b) or not a:
                     raise DatasetError(f"dataset row {index}: {len(a)} input_ids but {len(b)} labels")
                 ids[-1] += a
                 labels[-1] += b if len(rows) == 1 else [IGNORE_INDEX, *b[1:]]
+                documents[-1].append(len(a))
         mine = slice(replica * self.per_replica, (replica + 1) * self.per_replica)
         return StepBatch(ids[mine], labels[mine], global_trained_tokens=sum(trained_tokens(x) for x in labels),
-                         global_text_tokens=sum(len(x) for x in ids))
+                         global_text_tokens=sum(len(x) for x in ids), documents=documents[mine])

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from comet_ds.config import CometConfigError
-from comet_ds.layout import ChunkLayout
+from comet_ds.layout import ChunkLayout, fixed_chunk_sizes
+from comet_ds.layout.chunks import restart_plan
 from comet_ds.layout.plan import boundary_ids, plan_batch
 from comet_ds.train.config import RunConfig
-from comet_ds.train.data import check_has_targets, load_training_dataset
+from comet_ds.train.data import StepBatch, check_has_targets, load_training_dataset
 from comet_ds.train.tracking import Tracker, redact
 from data_prep.fs import check_output, output_directory
 
@@ -314,18 +315,39 @@ def _train_steps(state: RunState) -> None:
     boundaries = boundary_ids(state.tokenizer)
     for step in range(state.start, run.train.steps):
         batch = sampler.batch(step, replica)
-        plans = None
-        if run.train.chunk_plan == "mixed":
-            plans = plan_batch(batch.input_ids, run.comet.chunk_size, run.train.max_tokens, boundaries,
-                               f"{run.train.seed}:{step}:{replica}")
+        plans, restarts = chunk_plans(batch, run, boundaries, f"{run.train.seed}:{step}:{replica}")
         groups = [layout.layout(batch.input_ids[i:i + per_group], batch.labels[i:i + per_group],
-                                None if plans is None else plans[i:i + per_group])
+                                None if plans is None else plans[i:i + per_group],
+                                None if restarts is None else restarts[i:i + per_group])
                   for i in range(0, len(batch.input_ids), per_group)]
         result = _step(state, groups, batch)
         progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens_per_s:,.0f}")
         progress.update(1)
         _record(state, step + 1, result)
     progress.close()
+
+
+def chunk_plans(batch: StepBatch, run: RunConfig, boundaries: frozenset[int],
+                key: str) -> tuple[list[list[int]] | None, list[list[int]] | None]:
+    """The text chunk sizes of the batch's sequences (None: full chunks and a remainder) and, when memories start
+    over at each packed document, the chunks where they do (restarts, see ChunkLayout.iter_chunks)."""
+    chunk_size, train = run.comet.chunk_size, run.train
+    if not train.reset_memory_per_document:
+        if train.chunk_plan == "fixed":
+            return None, None
+        return plan_batch(batch.input_ids, chunk_size, train.max_tokens, boundaries, key), None
+    plans, restarts = [], []
+    for i, (ids, lengths) in enumerate(zip(batch.input_ids, batch.documents)):
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        documents = [ids[start:start + length] for start, length in zip(starts, lengths)]
+        if train.chunk_plan == "fixed":
+            document_plans = [fixed_chunk_sizes(len(document), chunk_size) for document in documents]
+        else:
+            document_plans = plan_batch(documents, chunk_size, train.max_tokens, boundaries, f"{key}:{i}")
+        sizes, where = restart_plan(document_plans)
+        plans.append(sizes)
+        restarts.append(where)
+    return plans, restarts
 
 
 def _step(state: RunState, groups: list[list[Any]], batch: Any) -> StepResult:
