@@ -46,6 +46,22 @@ def finite_logits(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.nan_to_num(torch.cat(logits, dim=1), neginf=0.0)
 
 
+def greedy_by_recompute(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy generation the slow way: lay out prompt + generated text as in training and rerun the whole
+    sequence for every new token."""
+    from comet_ds.layout import ChunkLayout, Role
+
+    layout, ids, out = ChunkLayout(model.config, model.tokens), list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            chunks = layout.layout([ids])
+            logits = model(chunks, return_logits=True).logits[-1][0]
+            last_text = (chunks[-1].roles[0] == Role.TEXT).nonzero()[-1, 0]
+            out.append(int(logits[last_text].argmax()))
+            ids.append(out[-1])
+    return out
+
+
 def untrained_adapter(base: str, config, out: Path) -> Path:
     """A LoRA CoMeT model directory on `base`, saved straight after it is built: for commands that need
     one to load, not one that has learnt anything."""

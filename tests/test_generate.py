@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import trained_like
+from helpers import greedy_by_recompute, trained_like
 
 from comet_ds.config import CometConfig
 from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
@@ -19,19 +19,6 @@ def perturbed(model):
     return trained_like(model, scale=0.3, seed=3)
 
 
-def reference_greedy(model, prompt, steps):
-    """Lay out prompt + generated text as in training and rerun everything for every new token."""
-    layout, ids, out = ChunkLayout(CONFIG, model.tokens), list(prompt), []
-    with torch.no_grad():
-        for _ in range(steps):
-            chunks = layout.layout([ids])
-            logits = model(chunks, return_logits=True).logits[-1][0]
-            last_text = (chunks[-1].roles[0] == Role.TEXT).nonzero()[-1, 0]
-            out.append(int(logits[last_text].argmax()))
-            ids.append(out[-1])
-    return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("prompt_length", [5, 16, 37])
 def test_greedy_generation_equals_the_step_by_step_reference(base_dirs, arch, prompt_length):
@@ -40,7 +27,7 @@ def test_greedy_generation_equals_the_step_by_step_reference(base_dirs, arch, pr
     prompt = torch.randint(4, 800, (prompt_length,), generator=torch.Generator().manual_seed(prompt_length)).tolist()
     steps = 40  # rolls over into at least two new chunks
     assert StreamingGenerator(model).generate(prompt, SamplingSettings(max_new_tokens=steps)) == \
-        reference_greedy(model, prompt, steps)
+        greedy_by_recompute(model, prompt, steps)
 
 
 def test_beacon_cadence_in_decoding_matches_the_training_layout(base_dirs):

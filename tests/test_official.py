@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from helpers import refusal
+from helpers import greedy_by_recompute, refusal
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from comet_ds.cli import main
 from comet_ds.infer.generate import SamplingSettings, StreamingGenerator
-from comet_ds.layout import ChunkLayout, Role
+from comet_ds.layout import ChunkLayout
 from comet_ds.modeling.pretrained import load_comet
 
 G, C, STRIDE, BUDGET = 4, 16, 5, 6
@@ -57,19 +57,6 @@ def official_checkpoint(base: str, out) -> dict:
     (out / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(out)
     return config
-
-
-def greedy_by_recompute(model, prompt, steps):
-    """Lay out prompt + generated text as in training and rerun the whole sequence for every new token."""
-    layout, ids, out = ChunkLayout(model.config, model.tokens), list(prompt), []
-    with torch.no_grad():
-        for _ in range(steps):
-            chunks = layout.layout([ids])
-            logits = model(chunks, return_logits=True).logits[-1][0]
-            last_text = (chunks[-1].roles[0] == Role.TEXT).nonzero()[-1, 0]
-            out.append(int(logits[last_text].argmax()))
-            ids.append(out[-1])
-    return out
 
 
 @pytest.fixture(scope="module")
