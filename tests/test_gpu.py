@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from helpers import ENV, REPO, refusal, trained_like
-from test_generate import CONFIG, perturbed, reference_greedy
+from helpers import ENV, REPO, greedy_by_recompute, refusal, trained_like
+from test_generate import CONFIG, perturbed
 from test_model import CONFIG as MODEL_CONFIG
 from test_model import LAYOUTS, additive_mask, loss_logits_gradients, sequences
 
@@ -104,7 +104,7 @@ def test_greedy_generation_on_cuda_equals_the_reference_and_the_cpu(base_dirs, p
     model.cuda()
     on_gpu = StreamingGenerator(model).generate(prompt, settings)
     assert on_gpu == on_cpu
-    assert on_gpu[:12] == reference_greedy(model, prompt, 12)
+    assert on_gpu[:12] == greedy_by_recompute(model, prompt, 12)
 
 
 @cuda
