@@ -11,8 +11,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from comet_ds.layout.chunks import fixed_chunk_sizes
+
+if TYPE_CHECKING:  # transformers loads only where a tokenizer is at hand
+    from transformers import PreTrainedTokenizerBase
 
 CHUNK_PLANS = ("fixed", "mixed")
 MIN_CHUNK = 4  # the random and semantic strategies never cut a chunk shorter than this
@@ -82,8 +86,9 @@ def regime(length: int, chunk_size: int, max_len: int) -> str:
 def plan_chunks(ids: Sequence[int], chunk_size: int, max_len: int, rng: random.Random,
                 boundaries: frozenset[int]) -> list[int]:
     """One sample's chunk sizes under the mixed plan: a strategy drawn by the sample's length regime."""
-    n, max_chunks = len(ids), math.ceil(max(max_len, len(ids)) / chunk_size)
-    weights = MIXTURE[regime(n, chunk_size, max(max_len, n))]
+    n, max_len = len(ids), max(max_len, len(ids))
+    max_chunks = math.ceil(max_len / chunk_size)
+    weights = MIXTURE[regime(n, chunk_size, max_len)]
     strategy = rng.choices(list(weights), list(weights.values()))[0]
     if strategy == "right_aligned":
         return right_aligned_sizes(n, chunk_size)
@@ -107,11 +112,11 @@ def plan_batch(input_ids: Sequence[Sequence[int]], chunk_size: int, max_len: int
             for i, ids in enumerate(input_ids)]
 
 
-def boundary_ids(tokenizer: object) -> frozenset[int]:
+def boundary_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """The tokenizer's single-token newline, sentence and clause ends, and its end-of-turn / eos tokens."""
-    found = {getattr(tokenizer, "eos_token_id", None)}
+    found = {tokenizer.eos_token_id}
     for text in ("\n", "\n\n", ".", ",", "。", "<|im_end|>"):
         ids = tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) == 1 and ids[0] != getattr(tokenizer, "unk_token_id", None):
+        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
             found.add(ids[0])
     return frozenset(i for i in found if i is not None)

@@ -27,8 +27,8 @@ class CometOutput:
     states: list[MemoryState | None]  # per layer, after the last chunk
 
 
-def not_predicted_mask(vocab_size: int, token_ids: tuple[int, ...]) -> torch.Tensor:
-    """True for the vocabulary entries that must never be predicted (the inserted tokens)."""
+def vocabulary_mask(vocab_size: int, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """True at `token_ids` (those the vocabulary has): entries never predicted, or left out of the loss."""
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[[i for i in token_ids if i < vocab_size]] = True
     return mask
@@ -56,9 +56,9 @@ class LMHead(nn.Module):
         super().__init__()
         self.norm = norm
         self.lm_head = lm_head
-        self.register_buffer("not_predicted", not_predicted_mask(lm_head.out_features, not_predicted_ids),
+        self.register_buffer("not_predicted", vocabulary_mask(lm_head.out_features, not_predicted_ids),
                              persistent=False)
-        self.register_buffer("loss_excluded", not_predicted_mask(lm_head.out_features, loss_excluded_ids),
+        self.register_buffer("loss_excluded", vocabulary_mask(lm_head.out_features, loss_excluded_ids),
                              persistent=False)
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from comet_ds.modeling.layer import ChunkContext, CometLayer
 from comet_ds.modeling.memory import MemoryState, detach_state
-from comet_ds.modeling.model import CometForCausalLM, labelled_loss_sum, not_predicted_mask
+from comet_ds.modeling.model import CometForCausalLM, labelled_loss_sum, vocabulary_mask
 from comet_ds.modeling.tokens import CometEmbedding, replace_inserted_rows
 from comet_ds.pipeline import PARTITION_METHODS
 from comet_ds.pipeline.schedule import StepPlan
@@ -129,7 +129,7 @@ class TokenEmbeddingPipe(nn.Module):
     def __init__(self, embed_tokens: nn.Embedding, loss_excluded_ids: tuple[int, ...]):
         super().__init__()
         self.embed_tokens = embed_tokens
-        self.register_buffer("loss_excluded", not_predicted_mask(embed_tokens.num_embeddings, loss_excluded_ids),
+        self.register_buffer("loss_excluded", vocabulary_mask(embed_tokens.num_embeddings, loss_excluded_ids),
                              persistent=False)
 
     def forward(self, inputs: StageActivations) -> tuple[torch.Tensor, ...]:
@@ -170,7 +170,7 @@ class LMHeadLossPipe(nn.Module):
     def __init__(self, lm_head: nn.Linear, loss_excluded_ids: tuple[int, ...]):
         super().__init__()
         self.lm_head = lm_head
-        self.register_buffer("loss_excluded", not_predicted_mask(lm_head.out_features, loss_excluded_ids),
+        self.register_buffer("loss_excluded", vocabulary_mask(lm_head.out_features, loss_excluded_ids),
                              persistent=False)
 
     def forward(self, inputs: StageActivations) -> torch.Tensor:

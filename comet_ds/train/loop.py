@@ -7,6 +7,7 @@ step → metrics, checkpoints. Non-finite losses stop the run before anything no
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -338,8 +339,8 @@ def chunk_plans(batch: StepBatch, run: RunConfig, boundaries: frozenset[int],
         return plan_batch(batch.input_ids, chunk_size, train.max_tokens, boundaries, key), None
     plans, restarts = [], []
     for i, (ids, lengths) in enumerate(zip(batch.input_ids, batch.documents)):
-        starts = [sum(lengths[:k]) for k in range(len(lengths))]
-        documents = [ids[start:start + length] for start, length in zip(starts, lengths)]
+        starts = [0, *itertools.accumulate(lengths)]
+        documents = [ids[start:end] for start, end in itertools.pairwise(starts)]
         if train.chunk_plan == "fixed":
             document_plans = [fixed_chunk_sizes(len(document), chunk_size) for document in documents]
         else:
