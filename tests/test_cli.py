@@ -9,6 +9,7 @@ import yaml
 
 from comet_ds.cli import main
 from comet_ds.configs import passkey_recipe
+from comet_ds.train.config import RunConfig
 
 
 def test_help_lists_the_commands():
@@ -45,6 +46,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "is not a CoMeT model directory" in err and "Traceback" not in err
+
+
+def test_every_passkey_recipe_stage_is_a_valid_run_config():
+    """The recipe's settings, each stage's own over them, pass the run config's checks before a demo starts."""
+    recipe = yaml.safe_load(passkey_recipe().read_text())
+    run = recipe["run"]
+    for stage in recipe["stages"]:
+        config = RunConfig.from_dict({**run, "base_model": "base", "dataset": "data", "output_dir": "out",
+                                      "train": {**run["train"], **stage.get("train", {}), "steps": stage["steps"]}})
+        assert config.comet.global_slots == run["comet"]["global_slots"]
+        assert config.train.steps == stage["steps"] > 0
 
 
 def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):
