@@ -30,7 +30,8 @@ def mean(values) -> float:
 def test_passkey_smoke_run_writes_json_heatmap_and_mlflow(adapter, tmp_path, capsys):
     out = tmp_path / "eval"
     main(["eval", "passkey", "--model", adapter, "--lengths", "200,400,800", "--depths", "3", "--out", str(out),
-          "--baseline", "full-attention", "--baseline-budget-gib", "0.000001", "--threads", "1"])
+          "--baseline", "full-attention", "--baseline-budget-gib", "0.000001", "--threads", "1",
+          "--batch-size", "2"])  # a length's 3 prompts as 2 + 1
     captured = capsys.readouterr()
     printed = captured.out
     assert "800 tokens" in captured.err and "retrieved=" in captured.err  # the per-length progress bar
@@ -101,9 +102,9 @@ def test_qa_scores_of_known_predictions(base_dirs):
     continuations = {tuple(key_prompt): " 12345 and more", tuple(fruit_prompt): " a red pear tree"}
     asked = []
 
-    def continuation(prompt, n):
+    def continuation(prompts, n):
         asked.append(n)
-        return encode(continuations[tuple(prompt)])
+        return [encode(continuations[tuple(prompt)]) for prompt in prompts]
 
     result = evaluate_qa(continuation, tokenizer, dataset)
     assert asked == [len(key) + 4, len(fruit) + 4]  # the answer's length and some slack
@@ -114,28 +115,32 @@ def test_qa_scores_of_known_predictions(base_dirs):
     assert (result["exact_match"], result["f1"], result["scored"], result["skipped"]) == (0.5, 0.75, 2, 2)
 
 
-def test_passkey_accuracy_of_known_answers(base_dirs):
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_passkey_accuracy_of_known_answers(base_dirs, batch_size):
     """Per depth, 2 samples: both retrieved at depth 0 (one running on after the key), one at depth
-    0.5, none at depth 1 (a wrong first digit); the longer length is skipped without a call."""
+    0.5, none at depth 1 (a wrong first digit); the longer length is skipped without a call. In batches
+    of 4 the 6 prompts of a length come as 4 and 2, and every answer still meets its own prompt."""
     tokenizer = AutoTokenizer.from_pretrained(base_dirs["llama"])
     plan = iter(["key", "key and more", "key", "wrong", "wrong", "wrong"])
     asked = []
 
-    def continuation(prompt, n):
-        found = re.search(r"pass key is (\d{5})", tokenizer.decode(prompt))
-        if found is None:  # the warm-up call
-            return []
-        asked.append(n)
-        key, answer = found.group(1), next(plan)
+    def answer(prompt):
+        key, planned = re.search(r"pass key is (\d{5})", tokenizer.decode(prompt)).group(1), next(plan)
         wrong = str(int(key[0]) % 9 + 1) + key[1:]
-        text = {"key": key, "key and more": f"{key} and more", "wrong": wrong}[answer]
+        text = {"key": key, "key and more": f"{key} and more", "wrong": wrong}[planned]
         return tokenizer(" " + text, add_special_tokens=False).input_ids
+
+    def continuation(prompts, n):
+        if "pass key" not in tokenizer.decode(prompts[0]):  # the warm-up call
+            return [[]]
+        asked.append((len(prompts), n))
+        return [answer(prompt) for prompt in prompts]
 
     skip = {300: "too long for this test"}.get
     printed = []
     short, long = evaluate_passkey(continuation, tokenizer, [200, 300], [0.0, 0.5, 1.0], 2, seed=0, skip=skip,
-                                   progress=printed.append)
-    assert asked == [KEY_TOKENS] * 6
+                                   progress=printed.append, batch_size=batch_size)
+    assert asked == {1: [(1, KEY_TOKENS)] * 6, 4: [(4, KEY_TOKENS), (2, KEY_TOKENS)]}[batch_size]
     assert short.accuracy_by_depth == {0.0: 1.0, 0.5: 0.5, 1.0: 0.0} and short.accuracy == 0.5
     assert [(s["depth"], s["correct"]) for s in short.samples] == [
         (0.0, True), (0.0, True), (0.5, True), (0.5, False), (1.0, False), (1.0, False)]

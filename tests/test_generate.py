@@ -88,6 +88,26 @@ def test_prefill_then_decode_is_generate_and_shows_each_token_as_it_comes(base_d
     assert out == seen == generator.generate(prompt, settings)
 
 
+def test_a_batch_of_prompts_is_read_as_each_prompt_alone(base_dirs):
+    """Prompts of 40 and 45 tokens share their 2 complete chunks' batched forward, 5 and 60 tokens do
+    not (none, 3): each prompt's memories, open chunk and logits are its own, and so is its continuation."""
+    model, _ = build_comet(base_dirs["llama"], CONFIG)
+    perturbed(model)
+    generator = StreamingGenerator(model)
+    prompts = [torch.randint(4, 800, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (40, 5, 45, 60)]
+    settings = SamplingSettings(max_new_tokens=20)
+    batch = generator.prefill_batch(prompts)
+    for prompt, together in zip(prompts, batch, strict=True):
+        alone = generator.prefill(prompt)
+        assert (together.chunk.index, together.chunk.length) == (alone.chunk.index, alone.chunk.length)
+        torch.testing.assert_close(together.logits, alone.logits, atol=1e-5, rtol=1e-5)
+        for mine, reference in zip(together.states, alone.states, strict=True):
+            for x, y in zip(mine or (), reference or (), strict=True):
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        assert generator.decode(together, settings) == generator.decode(alone, settings)
+
+
 def test_generate_command_writes_jsonl(base_dirs, tmp_path, capsys):
     import json
 

@@ -94,7 +94,8 @@ def test_generate_encodes_a_prompt_with_control_token_strings_as_text(adapter_an
 def test_passkey_eval_encodes_its_text_as_text(comet_tokenizer_dir, monkeypatch):
     monkeypatch.setattr("data_prep.passkey.FILLER", f"The grass is green. {CONTROL}.")
     prompts = []
-    evaluate_passkey(lambda prompt, n: prompts.append(prompt) or [], AutoTokenizer.from_pretrained(comet_tokenizer_dir),
+    evaluate_passkey(lambda batch, n: prompts.extend(batch) or [[]] * len(batch),
+                     AutoTokenizer.from_pretrained(comet_tokenizer_dir),
                      [300], [0.5], 1, seed=0, progress=lambda _: None)
     assert len(prompts) == 2 and not {i for p in prompts for i in p} & special_ids(comet_tokenizer_dir)
 

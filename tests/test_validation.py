@@ -204,6 +204,7 @@ def test_the_launcher_check_names_exactly_the_variables_missing(monkeypatch):
     [
         ["eval", "passkey", "--model", "m", "--samples", "0"],
         ["eval", "passkey", "--model", "m", "--threads", "0"],
+        ["eval", "passkey", "--model", "m", "--batch-size", "0"],
         ["eval", "qa", "--model", "m", "--data", "d", "--max-new-tokens", "0"],
         ["demo", "--threads", "0"],
         ["demo", "--scale", "0"],

@@ -43,20 +43,34 @@ class LengthResult:
         return sum(values) / len(values) if values else float("nan")
 
 
-def comet_continuation(model: CometForCausalLM) -> Callable[[list[int], int], list[int]]:
+# (prompts, n) -> each prompt's first n greedy tokens
+Continuation = Callable[[list[list[int]], int], list[list[int]]]
+
+
+def comet_continuation(model: CometForCausalLM) -> Continuation:
+    """Streaming generation; the prompts' complete chunks are read as one batch."""
     generator = StreamingGenerator(model)
-    return lambda prompt, n: generator.generate(prompt, SamplingSettings(max_new_tokens=n))
+
+    def continuation(prompts: list[list[int]], n: int) -> list[list[int]]:
+        settings = SamplingSettings(max_new_tokens=n)
+        return [generator.decode(decoding, settings) for decoding in generator.prefill_batch(prompts)]
+
+    return continuation
 
 
-def full_attention_continuation(model: PreTrainedModel) -> Callable[[list[int], int], list[int]]:
-    """The base model as it is: one forward over the whole prompt, KV cache for the new tokens."""
+def full_attention_continuation(model: PreTrainedModel) -> Continuation:
+    """The base model as it is: one forward over the whole prompt, KV cache for the new tokens; one prompt
+    at a time (its attention scores, not its weights, are what a long prompt costs)."""
 
     @torch.inference_mode()
-    def continuation(prompt: list[int], n: int) -> list[int]:
-        ids = torch.tensor([prompt], device=model.device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                             pad_token_id=model.config.pad_token_id or 0)
-        return out[0, len(prompt):].tolist()
+    def continuation(prompts: list[list[int]], n: int) -> list[list[int]]:
+        new = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=model.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=model.config.pad_token_id or 0)
+            new.append(out[0, len(prompt):].tolist())
+        return new
 
     return continuation
 
@@ -83,12 +97,13 @@ def evaluation_keys(lengths: list[int], depths: list[float], samples: int, seed:
     return keys
 
 
-def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,
+def evaluate_passkey(continuation: Continuation, tokenizer: PreTrainedTokenizerBase,
                      lengths: list[int], depths: list[float], samples: int, seed: int,
                      skip: Callable[[int], str | None] = lambda _: None,
-                     progress: Callable[[str], None] = print) -> list[LengthResult]:
+                     progress: Callable[[str], None] = print, batch_size: int = 1) -> list[LengthResult]:
+    """batch_size: prompts handed to `continuation` at once (peak memory grows with it)."""
     results, encoder = [], TextEncoder(tokenizer)
-    continuation(encoder.encode("warm up"), 1)  # first-call allocations
+    continuation([encoder.encode("warm up")], 1)  # first-call allocations
     for length in lengths:
         reason = skip(length)
         if reason:
@@ -102,20 +117,25 @@ def evaluate_passkey(continuation: Callable[[list[int], int], list[int]], tokeni
         # counted in tokens, not samples: one long prompt is a long wait, and tokens/s is the figure to watch
         bar = tqdm(total=length * len(depths) * samples, desc=f"{length:,} tokens", unit="tok", unit_scale=True,
                    leave=False, dynamic_ncols=True)
-        for depth in depths:
-            for _ in range(samples):
+        cells = [depth for depth in depths for _ in range(samples)]
+        for start in range(0, len(cells), batch_size):
+            batch, prompts = cells[start:start + batch_size], []
+            for depth in batch:
                 sample = passkey_sample(encoder, length, depth, rng, with_text=False)
                 answer_start = next(i for i, label in enumerate(sample.labels) if label != IGNORE_INDEX)
-                prompt, passkey = sample.input_ids[:answer_start], sample.passkey
-                del sample  # the prompt is the one thing here that grows with length: keep a single copy
-                answer = tokenizer.decode(continuation(prompt, KEY_TOKENS), skip_special_tokens=True).strip()
+                prompts.append((sample.input_ids[:answer_start], sample.passkey))
+                del sample  # the prompts are the one thing here that grow with length: keep a single copy
+            new_tokens = continuation([prompt for prompt, _ in prompts], KEY_TOKENS)
+            for depth, (_, passkey), new in zip(batch, prompts, new_tokens, strict=True):
+                answer = tokenizer.decode(new, skip_special_tokens=True).strip()
                 hit = answer.startswith(passkey)
                 retrieved += hit
                 rows.append({"length": length, "depth": depth, "passkey": passkey, "output": answer,
                              "correct": hit})
-                bar.set_postfix(retrieved=f"{retrieved}/{len(rows)}", refresh=False)
-                bar.update(length)
-            correct[depth] = sum(r["correct"] for r in rows[-samples:]) / samples
+            bar.set_postfix(retrieved=f"{retrieved}/{len(rows)}", refresh=False)
+            bar.update(length * len(batch))
+        for depth in depths:
+            correct[depth] = sum(r["correct"] for r in rows if r["depth"] == depth) / samples
         seconds = time.perf_counter() - begin
         bar.close()
         peak = peak_memory_mib()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
 
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from comet_ds.config import CometInputError
+from comet_ds.eval.passkey import Continuation
 from comet_ds.layout import IGNORE_INDEX
 
 
@@ -47,7 +47,7 @@ def check_has_answers(dataset: Dataset, source: str) -> None:
                           "user-behavior")
 
 
-def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: PreTrainedTokenizerBase,
+def evaluate_qa(continuation: Continuation, tokenizer: PreTrainedTokenizerBase,
                 dataset: Dataset, max_new_tokens: int | None = None, limit: int | None = None) -> dict:
     rows, skipped, exact_matches = [], 0, 0.0
     # counts rows read; under a limit the rows needed are unknown (skipped rows do not count toward it)
@@ -63,7 +63,7 @@ def evaluate_qa(continuation: Callable[[list[int], int], list[int]], tokenizer: 
             continue
         span = [t for t, x in zip(row["input_ids"][first:], labels[first:]) if x != IGNORE_INDEX]
         reference = tokenizer.decode(span, skip_special_tokens=True)
-        new = continuation(list(row["input_ids"][:first]), max_new_tokens or len(span) + 4)
+        new = continuation([list(row["input_ids"][:first])], max_new_tokens or len(span) + 4)[0]
         prediction = tokenizer.decode(new, skip_special_tokens=True)
         # score the continuation up to the reference's length in words (the model may run on)
         prediction = " ".join(prediction.split()[: max(1, len(reference.split()))])

@@ -96,6 +96,13 @@ class Decoding:
     logits: torch.Tensor
 
 
+def _row(state: MemoryState | None, row: int) -> MemoryState | None:
+    """One sequence's memories out of a batch's."""
+    if state is None:
+        return None
+    return MemoryState(*(None if x is None else x[row:row + 1] for x in state))
+
+
 class StreamingGenerator:
     def __init__(self, model: CometForCausalLM):
         self.model = model.eval()
@@ -113,17 +120,32 @@ class StreamingGenerator:
     def prefill(self, prompt_ids: list[int]) -> Decoding:
         """Read the prompt: its complete chunks stream through the model, the rest fills the current
         chunk's KV cache."""
-        if not prompt_ids:
+        return self.prefill_batch([prompt_ids])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[list[int]]) -> list[Decoding]:
+        """Read several prompts, as `prefill` reads one. Prompts with the same number of complete chunks
+        stream them through the model as one batch (on a small model one row costs about as much as many,
+        so this is where batching pays); each prompt then fills its own current chunk."""
+        if not prompts or any(not prompt for prompt in prompts):
             raise ValueError("the prompt is empty")
         size = self.config.chunk_size
-        done_chunks = (len(prompt_ids) - 1) // size
-        states: list[MemoryState | None] = [None] * len(self.model.layers)
-        if done_chunks:
-            head = prompt_ids[: done_chunks * size]
-            layout = ChunkLayout(self.config, self.tokens)
-            states = self.model(layout.iter_chunks([head], [[IGNORE_INDEX] * len(head)])).states
-        chunk = self._open(done_chunks, states)
-        return Decoding(chunk, states, self._feed_text(chunk, prompt_ids[done_chunks * size:], states))
+        by_done_chunks: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_done_chunks.setdefault((len(prompt) - 1) // size, []).append(i)
+        decodings: dict[int, Decoding] = {}
+        for done_chunks, members in by_done_chunks.items():
+            rows: list[list[MemoryState | None]] = [[None] * len(self.model.layers) for _ in members]
+            if done_chunks:
+                heads = [prompts[i][: done_chunks * size] for i in members]
+                layout = ChunkLayout(self.config, self.tokens)
+                states = self.model(layout.iter_chunks(heads, [[IGNORE_INDEX] * len(h) for h in heads])).states
+                rows = [[_row(state, r) for state in states] for r in range(len(members))]
+            for i, states_of_prompt in zip(members, rows):
+                chunk = self._open(done_chunks, states_of_prompt)
+                logits = self._feed_text(chunk, prompts[i][done_chunks * size:], states_of_prompt)
+                decodings[i] = Decoding(chunk, states_of_prompt, logits)
+        return [decodings[i] for i in range(len(prompts))]
 
     @torch.inference_mode()
     def decode(self, decoding: Decoding, settings: SamplingSettings,
