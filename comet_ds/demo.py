@@ -125,22 +125,31 @@ def _write_stage(out: Path, base: Path, run: dict, stage: dict, steps: int, seed
     config: the recipe's shared settings with this stage's paths, steps and seeds; returns the run config's path."""
     from data_prep.cli import main as prep
 
-    name, data = stage["name"], out / "data" / stage["name"]
+    config = stage_run_config(out, base, run, stage, steps, seed, init_from)
     cells = len(str(stage["lengths"]).split(",")) * len(str(stage["depths"]).split(","))
     samples = steps * run["train"]["sequences_per_step"]
     prep(["passkey", "--tokenizer", str(base), "--lengths", str(stage["lengths"]), "--depths", str(stage["depths"]),
           "--samples-per-cell", str(-(-samples // cells)), "--seed", str(data_seed), "--hold-out-keys", str(held_out),
-          "--quiet", "--output", str(data),
+          "--quiet", "--output", config["dataset"],
           *(["--overwrite"] if overwrite else [])])
-    config = {**run, "base_model": str(base), "dataset": str(data), "output_dir": str(out / "stages" / name),
+    path = out / "stages" / f"{stage['name']}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def stage_run_config(out: Path, base: Path, run: dict, stage: dict, steps: int, seed: int,
+                     init_from: Path | None) -> dict:
+    """One stage's run config: the recipe's shared settings, the stage's own `train` settings over them, and
+    the stage's paths, steps and seed."""
+    name = stage["name"]
+    config = {**run, "base_model": str(base), "dataset": str(out / "data" / name),
+              "output_dir": str(out / "stages" / name),
               "train": {**run["train"], **stage.get("train", {}), "steps": steps, "save_every": steps, "seed": seed},
               "tracking": {**run["tracking"], "tracking_uri": f"sqlite:///{out / 'mlflow.db'}", "run_name": name}}
     if init_from is not None:
         config["init_from"] = str(init_from)
-    path = out / "stages" / f"{name}.yaml"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return config
 
 
 def _plot_training(out: Path, stages: list[str], seed: int) -> Path:

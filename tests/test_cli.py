@@ -9,6 +9,7 @@ import yaml
 
 from comet_ds.cli import main
 from comet_ds.configs import passkey_recipe
+from comet_ds.demo import stage_run_config
 from comet_ds.train.config import RunConfig
 
 
@@ -48,15 +49,18 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys):
     assert "is not a CoMeT model directory" in err and "Traceback" not in err
 
 
-def test_every_passkey_recipe_stage_is_a_valid_run_config():
-    """The recipe's settings, each stage's own over them, pass the run config's checks before a demo starts."""
+def test_every_passkey_recipe_stage_is_a_valid_run_config(tmp_path):
+    """The run config the demo writes for each recipe stage passes the run config's checks, with the stage's
+    own train settings over the shared ones."""
     recipe = yaml.safe_load(passkey_recipe().read_text())
     run = recipe["run"]
     for stage in recipe["stages"]:
-        config = RunConfig.from_dict({**run, "base_model": "base", "dataset": "data", "output_dir": "out",
-                                      "train": {**run["train"], **stage.get("train", {}), "steps": stage["steps"]}})
+        config = RunConfig.from_dict(stage_run_config(tmp_path, tmp_path / "base", run, stage, stage["steps"],
+                                                      seed=0, init_from=tmp_path / "adapter"))
         assert config.comet.global_slots == run["comet"]["global_slots"]
         assert config.train.steps == stage["steps"] > 0
+        for key, value in stage.get("train", {}).items():
+            assert getattr(config.train, key) == value
 
 
 def test_demo_runs_end_to_end_in_reduced_mode(tmp_path):

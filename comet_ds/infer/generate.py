@@ -116,7 +116,6 @@ class StreamingGenerator:
         """New token ids after `prompt_ids` (inserted beacons are not part of the result)."""
         return self.decode(self.prefill(prompt_ids), settings)
 
-    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> Decoding:
         """Read the prompt: its complete chunks stream through the model, the rest fills the current
         chunk's KV cache."""
@@ -128,20 +127,20 @@ class StreamingGenerator:
         stream them through the model as one batch (on a small model one row costs about as much as many,
         so this is where batching pays); each prompt then fills its own current chunk."""
         if not prompts or any(not prompt for prompt in prompts):
-            raise ValueError("the prompt is empty")
+            raise ValueError("a prompt is empty" if prompts else "no prompts")
         size = self.config.chunk_size
         by_done_chunks: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             by_done_chunks.setdefault((len(prompt) - 1) // size, []).append(i)
         decodings: dict[int, Decoding] = {}
+        layout = ChunkLayout(self.config, self.tokens)
         for done_chunks, members in by_done_chunks.items():
-            rows: list[list[MemoryState | None]] = [[None] * len(self.model.layers) for _ in members]
+            states: list[MemoryState | None] = [None] * len(self.model.layers)
             if done_chunks:
                 heads = [prompts[i][: done_chunks * size] for i in members]
-                layout = ChunkLayout(self.config, self.tokens)
                 states = self.model(layout.iter_chunks(heads, [[IGNORE_INDEX] * len(h) for h in heads])).states
-                rows = [[_row(state, r) for state in states] for r in range(len(members))]
-            for i, states_of_prompt in zip(members, rows):
+            for row, i in enumerate(members):
+                states_of_prompt = [_row(state, row) for state in states]
                 chunk = self._open(done_chunks, states_of_prompt)
                 logits = self._feed_text(chunk, prompts[i][done_chunks * size:], states_of_prompt)
                 decodings[i] = Decoding(chunk, states_of_prompt, logits)
