@@ -530,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=positive_int, default=1, help="samples per (length, depth) (default: 1)")
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="CoMeT prompts read together: on a small model or many cores several are about as fast as "
-                        "one (the demo reads a length's 20 at once, ~3x faster on 2 cores); peak memory grows "
-                        "with it (default: 1)")
+                        "one (20 at once read the demo model's 32k-token prompts 2-3x as fast on 2 cores); peak "
+                        "memory grows with it (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baseline", choices=["none", "full-attention"], default="none")
     p.add_argument("--baseline-budget-gib", type=positive_float, default=8.0,
