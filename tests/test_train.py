@@ -175,8 +175,10 @@ def test_mlflow_records_params_metrics_and_the_adapter(two_step_run):
     assert run.data.params["run.train.steps"] == "2"
     assert run.data.params["deepspeed.zero_optimization.stage"] == "1"
     for metric in ("loss", "lr", "grad_norm", "tokens_per_s", "bubble_fraction", "peak_mem_mib_stage0",
-                   "peak_mem_mib_stage1"):
+                   "peak_mem_mib_stage1", "transfer_fraction_stage0", "transfer_fraction_stage1"):
         assert metric in run.data.metrics, metric
+    for stage in (0, 1):  # two stages hand activations and gradients to each other every chunk
+        assert 0 < run.data.metrics[f"transfer_fraction_stage{stage}"] < 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}

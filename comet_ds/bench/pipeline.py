@@ -68,13 +68,15 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     dist.barrier()
     seconds = (time.perf_counter() - start) / steps
     # the stages' idle share as the engine measures it in training (compute time against the steps' time)
-    bubble = engine.stage_stats(seconds * steps)["bubble_fraction"]
+    stats = engine.stage_stats(seconds * steps)
     peak = torch.tensor([peak_memory_mib()])
     peaks = [torch.zeros_like(peak) for _ in range(stages)]
     dist.all_gather(peaks, peak)
     return {"stages": stages, "threads": threads, "schedule": schedule, "tokens": length, "chunks": len(chunks),
             "bptt_window": bptt_window, "step_seconds": round(seconds, 3), "tokens_per_s": round(length / seconds, 1),
-            "bubble_fraction": round(bubble, 4),
+            "bubble_fraction": round(stats["bubble_fraction"], 4),
+            "compute_fraction_per_stage": [round(f, 3) for f in stats["compute_fraction"]],
+            "transfer_fraction_per_stage": [round(f, 3) for f in stats["transfer_fraction"]],
             "peak_rss_mib_per_stage": [round(float(p), 1) for p in peaks]}
 
 
@@ -99,7 +101,8 @@ def run_all(base: str, throughput_tokens: int, memory_lengths: list[int], bptt_w
         print(f"  {row['stages']} stage(s) x {row['threads']} thread(s), {row['schedule']:>8}, "
               f"{row['tokens']:>9,} tokens "
               f"({row['chunks']} chunks, window {row['bptt_window']}): {row['tokens_per_s']:>8,.0f} tok/s, "
-              f"{row['step_seconds']:.2f} s/step, bubble {row['bubble_fraction']:.3f}, "
+              f"{row['step_seconds']:.2f} s/step, bubble {row['bubble_fraction']:.3f} (per stage: computing "
+              f"{row['compute_fraction_per_stage']}, in transfers {row['transfer_fraction_per_stage']}), "
               f"peak RSS per stage {row['peak_rss_mib_per_stage']} MiB", flush=True)
         return row
 

@@ -99,6 +99,18 @@ def stage_partition(method: str, stages: int, num_layers: int, layer_weight: int
 release_free_memory = memory.release_free_memory if not torch.cuda.is_available() else (lambda: None)
 
 
+TRANSFERS = (ds.SendActivation, ds.RecvActivation, ds.SendGrad, ds.RecvGrad)
+
+
+def _timed_transfer(handler: Any) -> Any:
+    """The engine's handler of a send or receive, adding its time to the stage's transfer seconds."""
+    def timed(engine: CometPipelineEngine, *args: Any, **kwargs: Any) -> None:
+        begin = time.perf_counter()
+        handler(engine, *args, **kwargs)
+        engine._transfer_seconds += time.perf_counter() - begin
+    return timed
+
+
 class CometPipelineEngine(PipelineEngine):
     """PipelineEngine with the chunk schedule; set on the engine that deepspeed.initialize returns.
 
@@ -109,6 +121,7 @@ class CometPipelineEngine(PipelineEngine):
     bptt_window: int | None = None
     schedule: type[BlockSchedule] = ChunkSchedule  # `comet-ds bench pipeline` times the draining one against it
     _compute_seconds = 0.0
+    _transfer_seconds = 0.0
     _plan = StepPlan(0)
 
     @classmethod
@@ -142,17 +155,30 @@ class CometPipelineEngine(PipelineEngine):
 
     def reset_stage_timers(self) -> None:
         self._compute_seconds = 0.0
+        self._transfer_seconds = 0.0
         reset_peak_memory()
 
     def stage_stats(self, step_seconds: float) -> dict[str, Any]:
-        """Collective: every stage's idle fraction of the step and peak memory since the timer reset."""
-        local = torch.tensor([float(self.stage_id), 1.0 - self._compute_seconds / step_seconds, peak_memory_mib()])
+        """Collective, over the time since the timer reset (`step_seconds` long): per stage, the share spent in
+        forwards and backwards (compute) and in sends and receives (transfer: a receive includes the wait for
+        the neighbouring stage, so a stage that waits on a slower one shows it here), averaged over the
+        stage's data-parallel replicas, and its peak memory; bubble_fraction is 1 - compute, averaged over
+        all ranks."""
+        local = torch.tensor([float(self.stage_id), self._compute_seconds / step_seconds,
+                              self._transfer_seconds / step_seconds, peak_memory_mib()])
         gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, local)
-        peak = [0.0] * self.num_stages
-        for stage, _, mib in gathered:
-            peak[int(stage)] = max(peak[int(stage)], float(mib))
-        return {"bubble_fraction": sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak}
+        compute, transfer, peak = ([0.0] * self.num_stages for _ in range(3))
+        replicas = [0] * self.num_stages
+        for stage, busy, moving, mib in (row.tolist() for row in gathered):
+            stage = int(stage)
+            compute[stage] += busy
+            transfer[stage] += moving
+            replicas[stage] += 1
+            peak[stage] = max(peak[stage], mib)
+        return {"bubble_fraction": 1.0 - sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak,
+                "compute_fraction": [c / n for c, n in zip(compute, replicas)],
+                "transfer_fraction": [t / n for t, n in zip(transfer, replicas)]}
 
     def _train_schedule(self) -> BlockSchedule:
         return self.schedule(self._plan, self.num_stages, self.stage_id)
@@ -183,6 +209,7 @@ class CometPipelineEngine(PipelineEngine):
 
     _INSTRUCTION_MAP: dict[Any, Any] = {  # noqa: RUF012  (a class table, as in the parent)
         **PipelineEngine._INSTRUCTION_MAP,
+        **{kind: _timed_transfer(PipelineEngine._INSTRUCTION_MAP[kind]) for kind in TRANSFERS},
         ds.ForwardPass: _exec_forward_pass,
         ds.BackwardPass: _exec_backward_pass,
     }

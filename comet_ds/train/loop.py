@@ -383,7 +383,8 @@ def _record(state: RunState, done: int, result: StepResult) -> None:
                              "grad_norm": result.grad_norm, "tokens_per_s": result.tokens_per_s,
                              "step_seconds": result.seconds, "chunks": result.chunks,
                              "bubble_fraction": stats["bubble_fraction"],
-                             **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])}},
+                             **{f"peak_mem_mib_stage{s}": m for s, m in enumerate(stats["peak_mem_mib"])},
+                             **{f"transfer_fraction_stage{s}": f for s, f in enumerate(stats["transfer_fraction"])}},
                             step=done)
     if state.nonfinite >= run.train.max_nonfinite_steps:
         tracker.close(status="FAILED")
