@@ -37,7 +37,6 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     from comet_ds.modeling.pretrained import build_comet
     from comet_ds.pipeline.engine import CometPipelineEngine, skip_shm_build
     from comet_ds.pipeline.stages import build_pipeline_module
-    from comet_ds.resources import peak_memory_mib
 
     torch.set_num_threads(threads)
     skip_shm_build()
@@ -69,15 +68,12 @@ def worker(base: str, length: int, steps: int, threads: int, bptt_window: int | 
     seconds = (time.perf_counter() - start) / steps
     # the stages' idle share as the engine measures it in training (compute time against the steps' time)
     stats = engine.stage_stats(seconds * steps)
-    peak = torch.tensor([peak_memory_mib()])
-    peaks = [torch.zeros_like(peak) for _ in range(stages)]
-    dist.all_gather(peaks, peak)
     return {"stages": stages, "threads": threads, "schedule": schedule, "tokens": length, "chunks": len(chunks),
             "bptt_window": bptt_window, "step_seconds": round(seconds, 3), "tokens_per_s": round(length / seconds, 1),
             "bubble_fraction": round(stats["bubble_fraction"], 4),
             "compute_fraction_per_stage": [round(f, 3) for f in stats["compute_fraction"]],
             "transfer_fraction_per_stage": [round(f, 3) for f in stats["transfer_fraction"]],
-            "peak_rss_mib_per_stage": [round(float(p), 1) for p in peaks]}
+            "peak_rss_mib_per_stage": [round(p, 1) for p in stats["peak_mem_mib"]]}
 
 
 def _launch(base: str, stages: int, threads: int, length: int, steps: int, bptt_window: int | None,

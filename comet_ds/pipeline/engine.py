@@ -163,7 +163,7 @@ class CometPipelineEngine(PipelineEngine):
         forwards and backwards (compute) and in sends and receives (transfer: a receive includes the wait for
         the neighbouring stage, so a stage that waits on a slower one shows it here), averaged over the
         stage's data-parallel replicas, and its peak memory; bubble_fraction is 1 - compute, averaged over
-        all ranks."""
+        the stages."""
         local = torch.tensor([float(self.stage_id), self._compute_seconds / step_seconds,
                               self._transfer_seconds / step_seconds, peak_memory_mib()])
         gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
@@ -176,9 +176,9 @@ class CometPipelineEngine(PipelineEngine):
             transfer[stage] += moving
             replicas[stage] += 1
             peak[stage] = max(peak[stage], mib)
-        return {"bubble_fraction": 1.0 - sum(float(g[1]) for g in gathered) / len(gathered), "peak_mem_mib": peak,
-                "compute_fraction": [c / n for c, n in zip(compute, replicas)],
-                "transfer_fraction": [t / n for t, n in zip(transfer, replicas)]}
+        compute = [c / n for c, n in zip(compute, replicas)]
+        return {"bubble_fraction": 1.0 - sum(compute) / len(compute), "compute_fraction": compute,
+                "transfer_fraction": [t / n for t, n in zip(transfer, replicas)], "peak_mem_mib": peak}
 
     def _train_schedule(self) -> BlockSchedule:
         return self.schedule(self._plan, self.num_stages, self.stage_id)
